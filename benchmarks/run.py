@@ -94,7 +94,7 @@ METHODS = {
             {},
             f"QEP, strength {strength}, down_proj uncorrected",
         )
-        for strength in (0.25, 0.75, 1.0)
+        for strength in (0.0, 0.25, 0.75, 1.0)
     },
     **{
         f"qep_damp{damping}": (_qep(correction_damping=damping), {}, f"QEP, correction damping {damping}")

@@ -259,13 +259,19 @@ class QEPModifier(GPTQModifier):
                 "quantizing these modules in one group"
             )
 
+        # a later group's full-precision replay needs the earlier groups'
+        # original weights; a group with no corrected module replays only the
+        # quantized stream
+        needs_pair = [self._needs_input_pairs(group) for group in groups]
         original_weights: dict[torch.nn.Module, torch.Tensor] = {}
         for index, group in enumerate(groups):
             if index > 0:
                 for module in group:
                     self._forget_statistics(module)
-                self._capture.replay_group(layer, group, original_weights)
-            if index < len(groups) - 1:  # only later groups' replays need them
+                self._capture.replay_group(
+                    layer, group, original_weights, full_precision=needs_pair[index]
+                )
+            if any(needs_pair[index + 1 :]):
                 for module in group:
                     original_weights[module] = module.weight.detach().to(
                         self.stream_offload_device or module.weight.device, copy=True
@@ -334,6 +340,12 @@ class QEPModifier(GPTQModifier):
         grouped = {module for group in groups for module in group}
         rest = [module for module in calibrated if module not in grouped]
         return groups + ([rest] if rest else [])
+
+    def _needs_input_pairs(self, group: list[torch.nn.Module]) -> bool:
+        """Whether ``group`` needs the full-precision stream (X beside X~)."""
+        return self.report_errors or any(
+            self._strengths.get(module, 0.0) > 0 for module in group
+        )
 
     def _forget_statistics(self, module: torch.nn.Module):
         self._hessians.pop(module, None)

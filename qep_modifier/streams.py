@@ -19,8 +19,10 @@ layer). The first group's statistics come from the calibration pass. For each
 later group the layer is replayed per batch on both streams: on the quantized
 stream with the earlier groups already quantized, and on the full-precision
 stream with the earlier groups' outputs recomputed from their original weights
-(a temporary forward hook; no parameter is written). Each replay stops as soon as the
-group's last Linear has seen its input.
+(their ``forward`` is swapped on the instance for the replay; no parameter is
+written). A group none of whose modules is corrected is replayed on the
+quantized stream only. Each replay stops as soon as the group's last Linear
+has seen its input.
 
 Nothing here patches llm-compressor: the class only reacts to hook calls that
 the modifier registers through ``HooksMixin``, which the pipeline silences
@@ -105,6 +107,7 @@ class DualStreamCapture:
         self._in_layer_rerun = False
         self._accept: set[torch.nn.Module] | None = None
         self._stop_after: torch.nn.Module | None = None
+        self._replay_full_precision = True
 
     # ------------------------------------------------------------------ hooks
     def linear_input(self, linear: torch.nn.Module, inp: torch.Tensor) -> None:
@@ -118,7 +121,9 @@ class DualStreamCapture:
                 if not record.order_complete:
                     record.execution_order.append((linear, id(inp)))
             self.on_quantized_input(linear, inp)
-            if layer is not None and self.full_precision_stream:
+            if layer is not None and self.full_precision_stream and (
+                self._accept is None or self._replay_full_precision
+            ):
                 self._pending[linear] = inp
         else:
             quantized_input = self._pending.pop(linear, None)
@@ -194,17 +199,20 @@ class DualStreamCapture:
         layer: torch.nn.Module,
         group: Sequence[torch.nn.Module],
         original_weights: dict[torch.nn.Module, torch.Tensor],
+        full_precision: bool = True,
     ) -> None:
         """Feed ``group`` both streams again, every batch, then stop early.
 
         The quantized stream runs with the layer as it is now (earlier groups
         quantized); in the full-precision stream those earlier groups compute
-        their outputs from ``original_weights``.
+        their outputs from ``original_weights``. ``full_precision=False`` skips
+        the full-precision stream (no module of the group is corrected).
         """
         record = self.records[layer]
         order = [linear for linear, _ in record.execution_order]
         last = max(group, key=order.index)
         self._accept, self._stop_after = set(group), last
+        self._replay_full_precision = full_precision
         try:
             for _, call in sorted(record.calls.items()):
                 device = _device_of(layer, call.full_precision_hidden)
@@ -212,7 +220,7 @@ class DualStreamCapture:
                 kwargs = send_tensors(call.kwargs, device)
                 with self._stream(QUANTIZED), contextlib.suppress(_StopReplay):
                     layer(call.quantized_hidden.to(device), *args, **kwargs)
-                if self.full_precision_stream:
+                if self.full_precision_stream and full_precision:
                     with (
                         self._stream(FULL_PRECISION),
                         _full_precision_outputs(original_weights),
@@ -302,26 +310,38 @@ def _device_of(layer: torch.nn.Module, fallback: torch.Tensor) -> torch.device:
     return fallback.device
 
 
+_NO_INSTANCE_FORWARD = object()
+
+
 @contextlib.contextmanager
 def _full_precision_outputs(weights: dict[torch.nn.Module, torch.Tensor]):
-    """Make each Linear in ``weights`` output ``x W^T + b`` with the given weight.
+    """Make each Linear in ``weights`` compute ``x W^T + b`` with the given weight.
 
-    A temporary forward hook replaces the module's output; no parameter is
-    written, so offloaded and rank-shared weights are never touched.
+    The module's ``forward`` is replaced on the instance for the duration (so
+    the quantized weight's product is never computed and thrown away); forward
+    hooks still run. No parameter is written, so offloaded and rank-shared
+    weights are never touched.
     """
-    handles = [
-        module.register_forward_hook(functools.partial(_linear_with, weight))
-        for module, weight in weights.items()
-    ]
+    replaced = []
     try:
+        for module, weight in weights.items():
+            replaced.append(
+                (module, module.__dict__.get("forward", _NO_INSTANCE_FORWARD))
+            )
+            module.forward = functools.partial(_linear_with, weight, module)
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for module, previous in reversed(replaced):
+            if previous is _NO_INSTANCE_FORWARD:
+                del module.forward
+            else:
+                module.forward = previous
 
 
-def _linear_with(weight: torch.Tensor, module: torch.nn.Module, args, output):
-    inp = args[0]
+def _linear_with(weight: torch.Tensor, module: torch.nn.Module, inp: torch.Tensor):
+    bias = module.bias
     return torch.nn.functional.linear(
-        inp, weight.to(device=inp.device, dtype=inp.dtype), module.bias
+        inp,
+        weight.to(device=inp.device, dtype=inp.dtype),
+        None if bias is None else bias.to(device=inp.device, dtype=inp.dtype),
     )

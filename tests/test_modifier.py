@@ -129,6 +129,29 @@ def test_streams_are_what_the_fp_and_the_quantized_model_feed(model_dir, calibra
         assert not torch.allclose(seen_fp[0], seen_q[0], atol=1e-3)
 
 
+def test_uncorrected_group_is_replayed_on_the_quantized_stream_only(model_dir, calibration):
+    # default strengths: mlp.down_proj (the last group) is not corrected, so its
+    # replay runs the quantized stream only; the groups before it get both
+    recipe = _RecordingQEP(
+        targets="Linear", ignore=["lm_head"], config_groups=group_scheme(3, 32)
+    )
+    quantized_model = quantize(model_dir, recipe, calibration)
+    seen_fp, seen_q = recipe._seen["full_precision"], recipe._seen["quantized"]
+    layer = "model.layers.1"
+    # calibration pass + its group's replay
+    assert len(seen_q[f"{layer}.mlp.down_proj"]) == 2 * NUM_SAMPLES
+    assert len(seen_q[f"{layer}.mlp.up_proj"]) == 2 * NUM_SAMPLES
+    assert len(seen_fp[f"{layer}.mlp.down_proj"]) == NUM_SAMPLES  # calibration pass only
+    assert len(seen_fp[f"{layer}.mlp.up_proj"]) == 2 * NUM_SAMPLES
+    # and the quantized stream it saw last is still what the final model feeds it
+    name = f"{layer}.mlp.down_proj"
+    final = _inputs_of(quantized_model, [name], torch.tensor(calibration["input_ids"]))
+    for sample in range(NUM_SAMPLES):
+        torch.testing.assert_close(
+            seen_q[name][NUM_SAMPLES + sample], final[name][sample], rtol=1e-4, atol=1e-5
+        )
+
+
 @pytest.mark.parametrize("num_bits", [3, 2])
 def test_qep_lowers_output_error_against_gptq(model_dir, calibration, held_out, num_bits):
     reference = logits(load_model(model_dir), held_out)
