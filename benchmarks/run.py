@@ -90,7 +90,7 @@ METHODS = {
     # ablations
     **{
         f"qep_a{strength}": (
-            _qep(propagation_strength={r"mlp\.down_proj$": 0.0, "default": strength}),
+            _qep(propagation_strength={r"(^|\.)down_proj$": 0.0, "default": strength}),
             {},
             f"QEP, strength {strength}, down_proj uncorrected",
         )

@@ -69,7 +69,7 @@ __all__ = ["QEPModifier", "FOEMModifier", "DEFAULT_PROPAGATION_STRENGTH"]
 # intermediate size), so its d_in x d_in solve is the most expensive and the
 # least well conditioned, and correcting it did not pay off there.
 DEFAULT_PROPAGATION_STRENGTH: dict[str, float] = {
-    r"mlp\.down_proj$": 0.0,
+    r"(^|\.)down_proj$": 0.0,
     DEFAULT_STRENGTH_KEY: 0.5,
 }
 
@@ -127,6 +127,10 @@ class QEPModifier(GPTQModifier):
         default_factory=dict
     )
     _error_report: list[dict] = PrivateAttr(default_factory=list)
+    _unpaired: set[torch.nn.Module] = PrivateAttr(default_factory=set)
+    _unpaired_names: list[str] = PrivateAttr(default_factory=list)
+    _uncalibrated: list[str] = PrivateAttr(default_factory=list)
+    _token_counts: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
 
     @property
     def error_report(self) -> list[dict]:
@@ -232,6 +236,7 @@ class QEPModifier(GPTQModifier):
             offload_device=self.stream_offload_device,
             full_precision_stream=corrected,
             keep_layer_calls=self.true_sequential,
+            on_unpaired=self._mark_unpaired,
         )
         for module in linears:
             self.register_hook(module, self._linear_hook, "forward")
@@ -241,11 +246,18 @@ class QEPModifier(GPTQModifier):
     def on_sequential_epoch_end(
         self, state: State, event: Event, modules: list[torch.nn.Module], **kwargs
     ):
-        calibrated = [
+        targets = [
             module
             for module in modules
-            if is_module_quantized(module) and module in self._num_samples
+            if module in self._module_names
+            and is_module_quantized(module)
+            and getattr_chain(module, "quantization_scheme.weights", None) is not None
+            and not isinstance(module, torch.nn.Embedding)
         ]
+        # llm-compressor counts batches, not tokens: an expert the router never
+        # chose has samples and an all-zero Hessian, which GPTQ turns into zeros
+        calibrated = [module for module in targets if self._token_counts.get(module, 0) > 0]
+        self._quantize_uncalibrated([m for m in targets if m not in calibrated])
         if not calibrated:
             return
         layers = {self._linear_layer.get(module) for module in calibrated}
@@ -287,6 +299,22 @@ class QEPModifier(GPTQModifier):
             self._capture.reset()
 
     def on_finalize(self, state: State, **kwargs) -> bool:
+        if self._unpaired_names:
+            logger.warning(
+                "QEP: the full-precision and quantized streams sent different tokens to "
+                f"{len(self._unpaired_names)} module(s) (mixture-of-experts routing), "
+                "which were quantized without correction: "
+                f"{', '.join(self._unpaired_names)}. oneshot's moe_calibrate_all_experts="
+                "True (its default) feeds every expert every token and pairs them"
+            )
+        if self._uncalibrated:
+            logger.warning(
+                f"QEP: {len(self._uncalibrated)} module(s) saw no calibration token and "
+                "were rounded to nearest from their own weights (no GPTQ, no "
+                f"correction): {', '.join(self._uncalibrated)}"
+            )
+        self._unpaired, self._unpaired_names, self._uncalibrated = set(), [], []
+        self._token_counts = {}
         if self._uncorrected:
             logger.warning(
                 "QEP: the correction was skipped (H~ + l I stayed indefinite) for "
@@ -308,6 +336,8 @@ class QEPModifier(GPTQModifier):
         self._capture.layer_output(module, args, kwargs, output, batch_index)
 
     def _accumulate_hessian(self, module: torch.nn.Module, inp: torch.Tensor):
+        tokens = inp.numel() // max(1, inp.shape[-1])
+        self._token_counts[module] = self._token_counts.get(module, 0) + tokens
         self.calibrate_module(module, (inp,), None)
 
     def _accumulate_cross_term(
@@ -316,7 +346,9 @@ class QEPModifier(GPTQModifier):
         full_precision_input: torch.Tensor,
         quantized_input: torch.Tensor,
     ):
-        if self._strengths.get(module, 0.0) == 0.0 and not self.report_errors:
+        if module in self._unpaired or (
+            self._strengths.get(module, 0.0) == 0.0 and not self.report_errors
+        ):
             return
         accumulate_cross_term(
             full_precision_input,
@@ -327,6 +359,12 @@ class QEPModifier(GPTQModifier):
             gram = _square_accumulator(self._full_precision_grams, module)
             accumulate_hessian(full_precision_input, module, gram, torch.zeros(()))
 
+    def _mark_unpaired(self, module: torch.nn.Module):
+        """The streams fed ``module`` different tokens: drop its input pairs."""
+        self._unpaired.add(module)
+        self._cross_terms.pop(module, None)
+        self._full_precision_grams.pop(module, None)
+
     # ----------------------------------------------------------- quantizing
     def _groups(
         self, layer: torch.nn.Module, calibrated: list[torch.nn.Module]
@@ -336,10 +374,34 @@ class QEPModifier(GPTQModifier):
             [module for module in group if module in wanted]
             for group in self._capture.groups(layer)
         ]
-        groups = [group for group in groups if group]
+        groups = self._merge_expert_groups([group for group in groups if group])
         grouped = {module for group in groups for module in group}
         rest = [module for module in calibrated if module not in grouped]
         return groups + ([rest] if rest else [])
+
+    def _merge_expert_groups(
+        self, groups: list[list[torch.nn.Module]]
+    ) -> list[list[torch.nn.Module]]:
+        """One group per expert role (all experts' up projections, all downs, ...).
+
+        Experts run one after another, so their Linears fall into one group per
+        expert and role, and each group would cost a replay. A group whose
+        modules are, up to the expert index, all in one earlier group joins it:
+        expert ``e``'s inputs depend only on its own earlier Linears and on what
+        came before the experts, all of which that earlier group follows.
+        """
+        merged: list[list[torch.nn.Module]] = []
+        role_group: dict[str, int] = {}
+        for group in groups:
+            roles = {_expert_role(self._module_names[module]) for module in group}
+            targets = {role_group.get(role) for role in roles}
+            if len(targets) == 1 and None not in targets:
+                merged[targets.pop()].extend(group)
+                continue
+            for role in roles:
+                role_group.setdefault(role, len(merged))
+            merged.append(list(group))
+        return merged
 
     def _needs_input_pairs(self, group: list[torch.nn.Module]) -> bool:
         """Whether ``group`` needs the full-precision stream (X beside X~)."""
@@ -352,6 +414,8 @@ class QEPModifier(GPTQModifier):
         self._num_samples.pop(module, None)
         self._cross_terms.pop(module, None)
         self._full_precision_grams.pop(module, None)
+        self._unpaired.discard(module)
+        self._token_counts.pop(module, None)
 
     def _correct_and_quantize(self, group: list[torch.nn.Module]):
         """Correct, observe and quantize ``group``."""
@@ -402,6 +466,11 @@ class QEPModifier(GPTQModifier):
     def _apply_correction(self, module: torch.nn.Module):
         cross_term = self._cross_terms.pop(module, None)
         strength = self._strengths.get(module, 0.0)
+        if module in self._unpaired:
+            if strength > 0.0:
+                self._unpaired_names.append(self._module_names[module])
+            self._unpaired.discard(module)
+            return
         if cross_term is None or strength == 0.0:
             return
         num_samples = self._num_samples[module]
@@ -462,6 +531,22 @@ class QEPModifier(GPTQModifier):
                 batch, quantized, scales, zero_points, global_scales, quant_args
             )
             self._num_compressed_modules += len(batch)
+
+    def _quantize_uncalibrated(self, modules: list[torch.nn.Module]):
+        """Round to nearest the modules that saw no token (e.g. unrouted experts).
+
+        llm-compressor's GPTQ would divide an all-zero Hessian by zero samples;
+        the observer's scales on the module's own weight are all there is.
+        """
+        if not modules:
+            return
+        with torch.no_grad(), disable_offloading():
+            for module in modules:
+                self._forget_statistics(module)
+            observe(modules, base_name="weight")
+            update_qparams(modules, ACTIVATION_OBS, only_update_onload=not is_src())
+            self._round_to_nearest(modules)
+        self._uncalibrated.extend(self._module_names[module] for module in modules)
 
     def _round_to_nearest(self, group: list[torch.nn.Module]):
         for module in group:
@@ -548,8 +633,10 @@ class QEPModifier(GPTQModifier):
             )
 
     def _warn_unmatched_patterns(self):
-        if not isinstance(self.propagation_strength, Mapping):
-            return
+        if "propagation_strength" not in self.model_fields_set or not isinstance(
+            self.propagation_strength, Mapping
+        ):
+            return  # the default mapping is written for any model
         names = list(self._module_names.values())
         unmatched = [
             pattern
@@ -574,6 +661,14 @@ class FOEMModifier(QEPModifier):
 
     propagation_strength: float | dict[str, float] = 0.0
     first_order_strength: float = 0.1
+
+
+_EXPERT_INDEX = re.compile(r"(experts?)\.\d+\.")
+
+
+def _expert_role(name: str) -> str:
+    """``...mlp.experts.7.down_proj`` -> ``...mlp.experts.*.down_proj``."""
+    return _EXPERT_INDEX.sub(r"\1.*.", name)
 
 
 def _square_accumulator(

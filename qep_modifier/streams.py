@@ -80,6 +80,9 @@ class DualStreamCapture:
     :param full_precision_stream: run the full-precision stream at all (off when
         no module is corrected: FOEM alone needs only the quantized stream)
     :param keep_layer_calls: keep each batch's layer call for within-block replays
+    :param on_unpaired: ``(linear,)``: the full-precision stream fed ``linear``
+        other tokens than the quantized one (a mixture-of-experts router sent
+        them elsewhere); without it that raises
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class DualStreamCapture:
         offload_device: torch.device | str | None = "cpu",
         full_precision_stream: bool = True,
         keep_layer_calls: bool = False,
+        on_unpaired: Callable[[torch.nn.Module], None] | None = None,
     ):
         self.layer_index = {layer: index for index, layer in enumerate(layers)}
         self.linear_layer = linear_layer
@@ -99,6 +103,7 @@ class DualStreamCapture:
         self.offload_device = offload_device
         self.full_precision_stream = full_precision_stream
         self.keep_layer_calls = keep_layer_calls
+        self.on_unpaired = on_unpaired
 
         self.stream = QUANTIZED
         self.full_precision_inputs: dict[int, torch.Tensor] = {}
@@ -127,13 +132,17 @@ class DualStreamCapture:
                 self._pending[linear] = inp
         else:
             quantized_input = self._pending.pop(linear, None)
-            if quantized_input is None:
-                raise RuntimeError(
-                    "QEP: the full-precision stream reached a Linear that the "
-                    "quantized stream did not; the layer's control flow depends on "
-                    "its input, which dual-stream capture does not support"
-                )
-            self.on_input_pair(linear, inp, quantized_input)
+            if quantized_input is None or quantized_input.shape != inp.shape:
+                # the streams took different paths (e.g. MoE routing): no pairs
+                if self.on_unpaired is None:
+                    raise RuntimeError(
+                        "QEP: the full-precision and quantized streams fed different "
+                        "tokens to a Linear; the layer's control flow depends on its "
+                        "input, which dual-stream capture cannot pair"
+                    )
+                self.on_unpaired(linear)
+            else:
+                self.on_input_pair(linear, inp, quantized_input)
         self._maybe_stop(linear)
 
     def layer_output(
@@ -161,7 +170,7 @@ class DualStreamCapture:
                 output = layer(
                     full_precision_hidden.to(hidden.device), *rest_args, **rest_kwargs
                 )
-            self._pending.clear()
+            self._unpair_leftovers()
             self.full_precision_inputs[batch_index] = _first_tensor(output).to(
                 self.offload_device or hidden.device
             )
@@ -227,6 +236,7 @@ class DualStreamCapture:
                         contextlib.suppress(_StopReplay),
                     ):
                         layer(call.full_precision_hidden.to(device), *args, **kwargs)
+                    self._unpair_leftovers()
                 self._pending.clear()
         finally:
             self._accept, self._stop_after = None, None
@@ -256,6 +266,18 @@ class DualStreamCapture:
                 "targets must be called in order, each on the previous one's output"
             )
         return self.full_precision_inputs.pop(batch_index)
+
+    def _unpair_leftovers(self) -> None:
+        """Linears the quantized stream reached and the full-precision one did not."""
+        leftovers, self._pending = list(self._pending), {}
+        for linear in leftovers:
+            if self.on_unpaired is None:
+                raise RuntimeError(
+                    "QEP: the quantized stream reached a Linear that the "
+                    "full-precision stream did not; the layer's control flow depends "
+                    "on its input, which dual-stream capture cannot pair"
+                )
+            self.on_unpaired(linear)
 
     def _maybe_stop(self, linear: torch.nn.Module) -> None:
         if self._stop_after is not None and linear is self._stop_after:

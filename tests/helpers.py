@@ -115,3 +115,38 @@ def quantized_linears(model) -> dict[str, dict[str, torch.Tensor]]:
 @torch.no_grad()
 def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids).logits.float()
+
+
+def save_tiny_qwen3_moe(folder: Path, seed: int = 0, unrouted_experts: bool = False) -> Path:
+    """A random tiny Qwen3-MoE (2 layers, 4 experts) with a tokenizer beside it.
+
+    ``unrouted_experts``: top-1 routing whose router rows are ``w, -w, 0, 0``, so
+    every token goes to expert 0 or 1 and experts 2 and 3 never get a token.
+    """
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=1 if unrouted_experts else 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    model = Qwen3MoeForCausalLM(config)
+    if unrouted_experts:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                router = layer.mlp.gate.weight
+                router[1] = -router[0]
+                router[2:] = 0.0
+    model.save_pretrained(folder)
+    word_level_tokenizer(config.vocab_size).save_pretrained(folder)
+    return folder

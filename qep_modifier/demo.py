@@ -1,0 +1,185 @@
+"""``qep-demo``: the main job. Quantize the packaged SmolLM2-135M with a QEP recipe
+and with llm-compressor's own GPTQModifier, evaluate them and full precision,
+print the perplexity table.
+
+    qep-demo                                   # W3 g64 QEP recipe, bundled text
+    qep-demo --recipe recipes/w2a16_qep_gptq.yaml --text my.txt
+
+The text (default: an excerpt of Jane Austen's *Emma*, public domain, shipped
+in the package) is tokenized once and split: calibration windows are drawn
+(fixed seed) from its first two thirds, perplexity is measured on
+non-overlapping windows of the last third. Every method sees the same samples.
+Rows: full precision; GPTQModifier with stock defaults on the recipe's scheme;
+GPTQModifier with the recipe's scheme *and* its weight observer and act-order
+(so QEP is also compared on equal terms); the recipe itself. The recipe's
+checkpoint is saved compressed to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import time
+from pathlib import Path
+
+__all__ = ["main", "DEFAULT_TEXT", "DEFAULT_RECIPE", "comparison_modifiers", "split_text"]
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "austen_emma_excerpt.txt"
+DEFAULT_RECIPE = REPO / "recipes" / "w3a16_qep_gptq.yaml"
+CALIBRATION_SHARE = 2 / 3
+
+
+def split_text(token_ids, seq_len: int):
+    """Token ids cut into a calibration part (first 2/3) and an evaluation part."""
+    cut = int(token_ids.numel() * CALIBRATION_SHARE)
+    calibration, evaluation = token_ids[:cut], token_ids[cut:]
+    if calibration.numel() <= seq_len or evaluation.numel() < seq_len:
+        raise SystemExit(
+            f"--text has {token_ids.numel()} tokens: too few for --seq-len {seq_len} "
+            f"(needs more than {math.ceil(seq_len / (1 - CALIBRATION_SHARE))})"
+        )
+    return calibration, evaluation
+
+
+def _recipe_modifier(path: Path):
+    """The recipe's single quantization modifier (QEPModifier or a subclass)."""
+    from qep_modifier.cli import load_recipe
+    from qep_modifier.modifier import QEPModifier
+
+    modifiers = list(load_recipe(path, report=False).modifiers)
+    ours = [modifier for modifier in modifiers if isinstance(modifier, QEPModifier)]
+    if len(modifiers) != 1 or len(ours) != 1:
+        names = ", ".join(type(modifier).__name__ for modifier in modifiers) or "none"
+        raise SystemExit(
+            f"--recipe {path}: qep-demo compares one QEPModifier (or FOEMModifier) "
+            f"against GPTQModifier; the recipe has: {names}"
+        )
+    return ours[0]
+
+
+def comparison_modifiers(recipe_path: Path) -> dict[str, object]:
+    """GPTQModifiers on the recipe's scheme: stock, and with its observer/act-order."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    recipe = _recipe_modifier(recipe_path)
+    common = dict(
+        targets=recipe.targets,
+        ignore=list(recipe.ignore),
+        scheme=recipe.scheme,
+        config_groups=recipe.config_groups,
+    )
+    common = {key: value for key, value in common.items() if value is not None}
+    tuned = {
+        key: getattr(recipe, key)
+        for key in ("weight_observer", "actorder")
+        if key in recipe.model_fields_set
+    }
+    modifiers = {"GPTQModifier (stock)": GPTQModifier(**common)}
+    if tuned:
+        described = ", ".join(f"{key}={value}" for key, value in tuned.items())
+        modifiers[f"GPTQModifier ({described})"] = GPTQModifier(**common, **tuned)
+    return modifiers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qep-demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="QEP/FOEM recipe YAML")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="local HF folder (default: the packaged SmolLM2-135M-Instruct)")
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT,
+                        help="plain text: calibration from its first 2/3, evaluation on the rest")
+    parser.add_argument("--num-samples", type=int, default=16, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    parser.add_argument("--eval-windows", type=int, default=10, help="evaluation windows (at most)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the calibration windows")
+    parser.add_argument("--output", type=Path, default=Path("out/smollm2-qep"),
+                        help="where the recipe's compressed checkpoint goes")
+    args = parser.parse_args(argv)
+    for name in ("num_samples", "seq_len", "eval_windows"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if not args.recipe.is_file():
+        parser.error(f"--recipe {args.recipe} does not exist")
+    if not args.text.is_file():
+        parser.error(f"--text {args.text} does not exist")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import qep_modifier  # noqa: F401  (registers QEPModifier)
+    from llmcompressor import oneshot
+    from qep_modifier.default_model import default_model_path
+    from qep_modifier.evaluation import (
+        calibration_dataset,
+        evaluation_windows,
+        perplexity,
+        tokenize_text,
+    )
+
+    recipe_name = type(_recipe_modifier(args.recipe)).__name__  # fails fast on a bad recipe
+    runs = {"full precision": None, **comparison_modifiers(args.recipe),
+            f"{recipe_name} ({args.recipe.name})": args.recipe}
+
+    model_path = args.model or default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    calibration_ids, evaluation_ids = split_text(tokenize_text(tokenizer, args.text), args.seq_len)
+    calibration = calibration_dataset(calibration_ids, args.num_samples, args.seq_len, args.seed)
+    windows = evaluation_windows(evaluation_ids, args.seq_len, args.eval_windows)
+    print(f"qep-demo: {model_path.name}; calibration {args.num_samples} x {args.seq_len} tokens "
+          f"(seed {args.seed}), evaluation {windows.shape[0]} x {args.seq_len} tokens, "
+          f"from {args.text.name}", flush=True)
+
+    rows = []
+    for step, (label, recipe) in enumerate(runs.items(), start=1):
+        print(f"\n[{step}/{len(runs)}] {label}", flush=True)
+        start = time.perf_counter()
+        if recipe is None:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        else:
+            extra = {"output_dir": str(args.output)} if isinstance(recipe, Path) else {}
+            model = oneshot(
+                model=str(model_path),
+                dataset=calibration,
+                recipe=str(recipe) if isinstance(recipe, Path) else recipe,
+                num_calibration_samples=args.num_samples,
+                max_seq_length=args.seq_len,
+                shuffle_calibration_samples=False,
+                **extra,
+            )
+        seconds = None if recipe is None else time.perf_counter() - start
+        ppl = perplexity(model.eval(), windows, progress=True)
+        rows.append((label, ppl, seconds))
+        print(f"[{step}/{len(runs)}] {label}: perplexity {ppl:.2f}", flush=True)
+        del model
+        gc.collect()
+
+    print()
+    print(format_table(rows))
+    print(f"\ncompressed checkpoint of the recipe: {args.output}")
+    return 0
+
+
+def format_table(rows: list[tuple[str, float, float | None]]) -> str:
+    """Method, perplexity, share of stock GPTQ's gap recovered, calibration time."""
+    fp = rows[0][1]
+    gptq = rows[1][1] if len(rows) > 1 else None
+    width = max(len("method"), *(len(label) for label, _, _ in rows))
+    lines = [f"{'method':<{width}}  {'perplexity':>10}  {'gap recovered':>13}  {'calib s':>7}",
+             "-" * (width + 38)]
+    for index, (label, ppl, seconds) in enumerate(rows):
+        recovered = ""
+        if index >= 1 and gptq is not None and gptq > fp:
+            recovered = f"{(gptq - ppl) / (gptq - fp):.0%}"
+        timing = "" if seconds is None else f"{seconds:.0f}"
+        lines.append(f"{label:<{width}}  {ppl:>10.2f}  {recovered:>13}  {timing:>7}")
+    lines.append("gap recovered = (ppl_stock_gptq - ppl) / (ppl_stock_gptq - ppl_fp)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
