@@ -221,6 +221,14 @@ def parse_args(argv=None):
     parser.add_argument("--methods", default="fp,gptq,qep_gptq", help=f"comma list of {list(METHODS)}")
     parser.add_argument("--output", type=Path, default=None, help="table path (.md); default benchmarks/results/<model>.md")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="run nothing: merge these result CSVs (their .md beside them give the commands) "
+        "into --output, later files winning for the same scheme and method",
+    )
     args = parser.parse_args(argv)
     args.schemes = args.schemes.split(",")
     args.methods = args.methods.split(",")
@@ -233,8 +241,54 @@ def parse_args(argv=None):
     return args
 
 
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a result CSV, numbers as floats (None where empty)."""
+    numeric = {"ppl", "gap_recovered", "calib_s", "peak_rss_gib", "rss_increase_gib"}
+    with path.open(newline="") as handle:
+        return [
+            {key: (float(value) if value else None) if key in numeric else value for key, value in row.items()}
+            for row in csv.DictReader(handle)
+        ]
+
+
+def merge(sources: list[Path], output: Path) -> list[dict]:
+    """One table from several runs' CSVs; the header lists each run's command."""
+    merged: dict[tuple[str, str], dict] = {}
+    described = []
+    for source in sources:
+        for row in read_rows(source):
+            merged[(row["scheme"], row["method"])] = row
+        markdown = source.with_suffix(".md")
+        lines = markdown.read_text().splitlines() if markdown.is_file() else []
+        described.append(
+            f"- `{source.name}`: "
+            + "; ".join(line.rstrip(" ") for line in lines if line.startswith(("Command:", "Machine:")))
+        )
+    order = {scheme: index for index, scheme in enumerate(SCHEMES)}
+    method_order = {method: index for index, method in enumerate(METHODS)}
+    rows = sorted(
+        merged.values(),
+        key=lambda row: (row["method"] != "fp", order.get(row["scheme"], -1), method_order.get(row["method"], 99)),
+    )
+    header = (
+        f"# {output.stem}: QEP / FOEM / GPTQModifier\n\n"
+        "Merged from these runs (same model, texts, samples and seed; "
+        "`python benchmarks/run.py --merge ...`):\n" + "\n".join(described) + "\n\n"
+        "gap_recovered = (ppl_gptq - ppl) / (ppl_gptq - ppl_fp), GPTQ = stock GPTQModifier of the same scheme."
+    )
+    write_table(rows, output, header)
+    if draw_chart(rows, output.with_suffix(".png")):
+        print(f"chart: {output.with_suffix('.png')}")
+    print(output.read_text())
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.merge:
+        if args.output is None:
+            raise SystemExit("--merge needs --output (the merged table's .md path)")
+        return merge(args.merge, args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
     import qep_modifier  # noqa: F401  registers the modifiers

@@ -108,11 +108,14 @@ class DualStreamCapture:
         self.stream = QUANTIZED
         self.full_precision_inputs: dict[int, torch.Tensor] = {}
         self.records: dict[torch.nn.Module, _LayerRecord] = {}
-        self._pending: dict[torch.nn.Module, torch.Tensor] = {}
+        # quantized-stream inputs waiting for their full-precision twin, in call
+        # order per Linear (a module called twice per forward pairs call by call)
+        self._pending: dict[torch.nn.Module, list[torch.Tensor]] = {}
         self._in_layer_rerun = False
         self._accept: set[torch.nn.Module] | None = None
         self._stop_after: torch.nn.Module | None = None
         self._replay_full_precision = True
+        self._stop_calls, self._stop_seen = 1, 0
 
     # ------------------------------------------------------------------ hooks
     def linear_input(self, linear: torch.nn.Module, inp: torch.Tensor) -> None:
@@ -129,9 +132,12 @@ class DualStreamCapture:
             if layer is not None and self.full_precision_stream and (
                 self._accept is None or self._replay_full_precision
             ):
-                self._pending[linear] = inp
+                self._pending.setdefault(linear, []).append(inp)
         else:
-            quantized_input = self._pending.pop(linear, None)
+            waiting = self._pending.get(linear)
+            quantized_input = waiting.pop(0) if waiting else None
+            if waiting is not None and not waiting:
+                del self._pending[linear]
             if quantized_input is None or quantized_input.shape != inp.shape:
                 # the streams took different paths (e.g. MoE routing): no pairs
                 if self.on_unpaired is None:
@@ -219,14 +225,19 @@ class DualStreamCapture:
         """
         record = self.records[layer]
         order = [linear for linear, _ in record.execution_order]
-        last = max(group, key=order.index)
-        self._accept, self._stop_after = set(group), last
+        members = set(group)
+        # stop after the group's last call (a shared Linear may run more than once)
+        end = max(index for index, linear in enumerate(order) if linear in members)
+        last = order[end]
+        self._stop_calls = order[: end + 1].count(last)
+        self._accept, self._stop_after = members, last
         self._replay_full_precision = full_precision
         try:
             for _, call in sorted(record.calls.items()):
                 device = _device_of(layer, call.full_precision_hidden)
                 args = send_tensors(call.args, device)
                 kwargs = send_tensors(call.kwargs, device)
+                self._stop_seen = 0
                 with self._stream(QUANTIZED), contextlib.suppress(_StopReplay):
                     layer(call.quantized_hidden.to(device), *args, **kwargs)
                 if self.full_precision_stream and full_precision:
@@ -235,6 +246,7 @@ class DualStreamCapture:
                         _full_precision_outputs(original_weights),
                         contextlib.suppress(_StopReplay),
                     ):
+                        self._stop_seen = 0
                         layer(call.full_precision_hidden.to(device), *args, **kwargs)
                     self._unpair_leftovers()
                 self._pending.clear()
@@ -281,7 +293,9 @@ class DualStreamCapture:
 
     def _maybe_stop(self, linear: torch.nn.Module) -> None:
         if self._stop_after is not None and linear is self._stop_after:
-            raise _StopReplay()
+            self._stop_seen += 1
+            if self._stop_seen >= self._stop_calls:
+                raise _StopReplay()
 
     @contextlib.contextmanager
     def _stream(self, stream: str):

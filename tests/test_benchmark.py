@@ -41,3 +41,24 @@ def test_harness_writes_a_finite_table(tmp_path):
     assert float(table[1]["gap_recovered"]) == 0.0  # GPTQ against itself
     markdown = output.read_text()
     assert "| scheme | method | ppl |" in markdown and "Command:" in markdown
+
+
+def test_merge_joins_runs_and_recomputes_the_gap(tmp_path):
+    harness = _harness()
+    fields = dict(calib_s=1.0, peak_rss_gib=1.0, rss_increase_gib=0.1, note="")
+    first = [dict(scheme="-", method="fp", ppl=10.0, gap_recovered=None, **fields),
+             dict(scheme="w3g64", method="gptq", ppl=30.0, gap_recovered=None, **fields)]
+    second = [dict(scheme="-", method="fp", ppl=10.0, gap_recovered=None, **fields),
+              dict(scheme="w3g64", method="qep_gptq", ppl=15.0, gap_recovered=None, **fields),
+              dict(scheme="w2g64", method="gptq", ppl=99.0, gap_recovered=None, **fields)]
+    harness.write_table(first, tmp_path / "a.md", "Command: `python benchmarks/run.py --schemes w3g64`")
+    harness.write_table(second, tmp_path / "b.md", "Command: `python benchmarks/run.py --schemes w2g64`")
+    rows = harness.main(["--merge", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+                         "--output", str(tmp_path / "merged.md")])
+    assert [(row["scheme"], row["method"]) for row in rows] == [
+        ("-", "fp"), ("w2g64", "gptq"), ("w3g64", "gptq"), ("w3g64", "qep_gptq")
+    ]
+    qep = rows[-1]
+    assert qep["gap_recovered"] == (30.0 - 15.0) / (30.0 - 10.0)  # across the two runs
+    markdown = (tmp_path / "merged.md").read_text()
+    assert "--schemes w3g64" in markdown and "--schemes w2g64" in markdown

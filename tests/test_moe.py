@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 from qep_modifier import QEPModifier
 from qep_modifier.correction import resolve_propagation_strength
 from qep_modifier.modifier import DEFAULT_PROPAGATION_STRENGTH
-from qep_modifier.streams import DualStreamCapture
 from helpers import group_scheme, quantize, quantized_linears, save_tiny_qwen3_moe, token_dataset
 
 EXPERT = re.compile(r"model\.layers\.(\d)\.mlp\.experts\.(\d)\.(gate|up|down)_proj$")
@@ -108,27 +107,3 @@ def test_unrouted_experts_fall_back_to_round_to_nearest(tmp_path, warnings):
     message = next(m for m in warnings if "saw no calibration token" in m)
     assert all(name in message for name in unrouted)
     assert "experts.0." not in message and "experts.1." not in message
-
-
-def test_differently_routed_streams_are_not_paired():
-    layer, linear = torch.nn.Identity(), torch.nn.Linear(4, 4)
-    pairs, unpaired = [], []
-    capture = DualStreamCapture(
-        layers=[layer],
-        linear_layer={linear: layer},
-        on_quantized_input=lambda module, x: None,
-        on_input_pair=lambda module, x, x_q: pairs.append(module),
-        on_unpaired=unpaired.append,
-    )
-    capture.linear_input(linear, torch.randn(3, 4))  # quantized stream: 3 tokens routed here
-    with capture._stream("full_precision"):
-        capture.linear_input(linear, torch.randn(5, 4))  # full precision: 5 tokens
-    assert pairs == [] and unpaired == [linear]
-    # without the callback it is an error, not a silent mis-pairing
-    strict = DualStreamCapture(
-        layers=[layer], linear_layer={linear: layer},
-        on_quantized_input=lambda module, x: None, on_input_pair=lambda module, x, x_q: None,
-    )
-    strict.linear_input(linear, torch.randn(3, 4))
-    with strict._stream("full_precision"), pytest.raises(RuntimeError, match="different tokens"):
-        strict.linear_input(linear, torch.randn(5, 4))

@@ -39,3 +39,20 @@ def test_scheme_saves_pack_quantized_and_reloads(model_dir, tmp_path, name):
     assert group["weights"]["num_bits"] == expected_bits
     assert group["input_activations"] is None
     torch.testing.assert_close(logits(load_model(tmp_path), held_out), in_memory, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_embeddings_stay_full_precision_when_lm_head_is_quantized(tmp_path):
+    # SmolLM2 ties lm_head to the embedding; quantizing lm_head must not
+    # quantize (or correct) the embedding through the shared weight
+    from helpers import load_model, quantize, save_tiny_llama, token_dataset
+
+    model_dir = save_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    original = load_model(model_dir).model.embed_tokens.weight.detach().clone()
+    model = quantize(
+        model_dir,
+        QEPModifier(targets="Linear", config_groups=group_scheme(3, 32)),
+        token_dataset(4, 16, seed=1),
+    )
+    assert hasattr(model.lm_head, "weight_scale")
+    assert torch.equal(model.model.embed_tokens.weight, original)
+    assert not torch.equal(model.lm_head.weight, original)
