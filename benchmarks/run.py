@@ -245,10 +245,12 @@ def read_rows(path: Path) -> list[dict]:
     """Rows of a result CSV, numbers as floats (None where empty)."""
     numeric = {"ppl", "gap_recovered", "calib_s", "peak_rss_gib", "rss_increase_gib"}
     with path.open(newline="") as handle:
-        return [
+        rows = [
             {key: (float(value) if value else None) if key in numeric else value for key, value in row.items()}
             for row in csv.DictReader(handle)
         ]
+    # tables from older harness versions lack some columns
+    return [{column: row.get(column) for column in COLUMNS} for row in rows]
 
 
 def merge(sources: list[Path], output: Path) -> list[dict]:
@@ -262,7 +264,7 @@ def merge(sources: list[Path], output: Path) -> list[dict]:
         lines = markdown.read_text().splitlines() if markdown.is_file() else []
         described.append(
             f"- `{source.name}`: "
-            + "; ".join(line.rstrip(" ") for line in lines if line.startswith(("Command:", "Machine:")))
+            + "; ".join(line.rstrip(" ") for line in lines if line.startswith(("Command:", "Machine:", "Calibration:")))
         )
     order = {scheme: index for index, scheme in enumerate(SCHEMES)}
     method_order = {method: index for index, method in enumerate(METHODS)}

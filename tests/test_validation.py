@@ -33,7 +33,7 @@ def test_bad_fields_are_rejected_on_construction(fields, words):
 
 def test_foem_alias_defaults():
     foem = FOEMModifier(targets="Linear", scheme="W4A16")
-    assert foem.propagation_strength == 0.0 and foem.first_order_strength == 0.1
+    assert foem.propagation_strength == 0.0 and foem.first_order_strength == 0.2
     assert foem.first_order_reach == "next"
 
 
