@@ -131,6 +131,7 @@ class QEPModifier(GPTQModifier):
     _unpaired_names: list[str] = PrivateAttr(default_factory=list)
     _uncalibrated: list[str] = PrivateAttr(default_factory=list)
     _token_counts: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
+    _quantized: set[torch.nn.Module] = PrivateAttr(default_factory=set)
 
     @property
     def error_report(self) -> list[dict]:
@@ -250,6 +251,7 @@ class QEPModifier(GPTQModifier):
             module
             for module in modules
             if module in self._module_names
+            and module not in self._quantized
             and is_module_quantized(module)
             and getattr_chain(module, "quantization_scheme.weights", None) is not None
             and not isinstance(module, torch.nn.Embedding)
@@ -314,7 +316,7 @@ class QEPModifier(GPTQModifier):
                 f"correction): {', '.join(self._uncalibrated)}"
             )
         self._unpaired, self._unpaired_names, self._uncalibrated = set(), [], []
-        self._token_counts = {}
+        self._token_counts, self._quantized = {}, set()
         if self._uncorrected:
             logger.warning(
                 "QEP: the correction was skipped (H~ + l I stayed indefinite) for "
@@ -530,6 +532,7 @@ class QEPModifier(GPTQModifier):
             update_batch_qparams(
                 batch, quantized, scales, zero_points, global_scales, quant_args
             )
+            self._quantized.update(batch)
             self._num_compressed_modules += len(batch)
 
     def _quantize_uncalibrated(self, modules: list[torch.nn.Module]):
@@ -571,6 +574,7 @@ class QEPModifier(GPTQModifier):
             self._hessians.pop(module, None)
             self._num_samples.pop(module, None)
             self._num_compressed_modules += 1
+            self._quantized.add(module)
 
     # ------------------------------------------------------------ checks
     def _check_weight_only_int(self):
