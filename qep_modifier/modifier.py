@@ -214,12 +214,7 @@ class QEPModifier(GPTQModifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         QuantizationMixin.start_calibration(self, state.model)
 
-        linears = [
-            module
-            for module in self._module_names
-            if getattr_chain(module, "quantization_scheme.weights", None) is not None
-            and not isinstance(module, torch.nn.Embedding)
-        ]
+        linears = [module for module in self._module_names if _quantizes_weight(module)]
         if not linears:
             raise ValueError(
                 "QEPModifier found no modules to quantize: check `targets`, "
@@ -253,8 +248,7 @@ class QEPModifier(GPTQModifier):
             if module in self._module_names
             and module not in self._quantized
             and is_module_quantized(module)
-            and getattr_chain(module, "quantization_scheme.weights", None) is not None
-            and not isinstance(module, torch.nn.Embedding)
+            and _quantizes_weight(module)
         ]
         # llm-compressor counts batches, not tokens: an expert the router never
         # chose has samples and an all-zero Hessian, which GPTQ turns into zeros
@@ -666,6 +660,13 @@ class FOEMModifier(QEPModifier):
 
     propagation_strength: float | dict[str, float] = 0.0
     first_order_strength: float = 0.2
+
+
+def _quantizes_weight(module: torch.nn.Module) -> bool:
+    """A target whose weight this modifier quantizes (embeddings are left out)."""
+    return getattr_chain(
+        module, "quantization_scheme.weights", None
+    ) is not None and not isinstance(module, torch.nn.Embedding)
 
 
 _EXPERT_INDEX = re.compile(r"(experts?)\.\d+\.")

@@ -140,13 +140,7 @@ class DualStreamCapture:
                 del self._pending[linear]
             if quantized_input is None or quantized_input.shape != inp.shape:
                 # the streams took different paths (e.g. MoE routing): no pairs
-                if self.on_unpaired is None:
-                    raise RuntimeError(
-                        "QEP: the full-precision and quantized streams fed different "
-                        "tokens to a Linear; the layer's control flow depends on its "
-                        "input, which dual-stream capture cannot pair"
-                    )
-                self.on_unpaired(linear)
+                self._unpaired(linear)
             else:
                 self.on_input_pair(linear, inp, quantized_input)
         self._maybe_stop(linear)
@@ -283,13 +277,17 @@ class DualStreamCapture:
         """Linears the quantized stream reached and the full-precision one did not."""
         leftovers, self._pending = list(self._pending), {}
         for linear in leftovers:
-            if self.on_unpaired is None:
-                raise RuntimeError(
-                    "QEP: the quantized stream reached a Linear that the "
-                    "full-precision stream did not; the layer's control flow depends "
-                    "on its input, which dual-stream capture cannot pair"
-                )
-            self.on_unpaired(linear)
+            self._unpaired(linear)
+
+    def _unpaired(self, linear: torch.nn.Module) -> None:
+        """The streams fed ``linear`` different tokens, or only one reached it."""
+        if self.on_unpaired is None:
+            raise RuntimeError(
+                "QEP: the full-precision and quantized streams fed different tokens "
+                "to a Linear (or only one of them reached it); the layer's control "
+                "flow depends on its input, which dual-stream capture cannot pair"
+            )
+        self.on_unpaired(linear)
 
     def _maybe_stop(self, linear: torch.nn.Module) -> None:
         if self._stop_after is not None and linear is self._stop_after:
