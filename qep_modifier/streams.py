@@ -127,7 +127,9 @@ class DualStreamCapture:
             if layer is not None and not self._in_layer_rerun and self._accept is None:
                 record = self.records.setdefault(layer, _LayerRecord())
                 if not record.order_complete:
-                    record.execution_order.append((linear, id(inp)))
+                    # keep the input alive until the call ends: an id alone could be
+                    # reused by a later tensor at the same address
+                    record.execution_order.append((linear, inp))
             self.on_quantized_input(linear, inp)
             if layer is not None and self.full_precision_stream and (
                 self._accept is None or self._replay_full_precision
@@ -157,6 +159,10 @@ class DualStreamCapture:
         if self._in_layer_rerun or self._accept is not None:
             return
         record = self.records.setdefault(layer, _LayerRecord())
+        if not record.order_complete:  # all inputs alive here: ids are distinct
+            record.execution_order = [
+                (linear, id(inp)) for linear, inp in record.execution_order
+            ]
         record.order_complete = True
         if not self.full_precision_stream and not self.keep_layer_calls:
             return
