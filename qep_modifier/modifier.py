@@ -4,12 +4,14 @@ Lifecycle (as GPTQModifier's, with the second stream added):
 
 - ``on_initialize``: apply the quantization config, check the recipe, find the
   sequential targets (decoder layers) and each target Linear's layer.
-- ``on_calibration_start``: observer hooks (toolkit), a forward hook on each
-  target Linear (X~ and X) and one on each sequential target (the
-  full-precision re-run), all through ``HooksMixin``.
+- ``on_calibration_start``: observer hooks (toolkit), a forward pre-hook on
+  each target Linear (X~ and X) and a forward hook on each sequential target
+  (the full-precision re-run), all through ``HooksMixin``.
 - ``on_sequential_epoch_end``: for each group of the layer (one group without
-  ``true_sequential``): correct ``W -> W*``, observe scales on ``W*``, then run
-  the base quantizer (GPTQ sweep with Hessian ``H~``, or RTN).
+  ``true_sequential``): replay it if it is not the first (its statistics were
+  deferred, see :mod:`qep_modifier.streams`), correct ``W -> W*``, observe
+  scales on ``W*``, then run the base quantizer (GPTQ sweep with Hessian
+  ``H~``, or RTN).
 - ``on_calibration_end``: remove hooks, freeze quantization.
 """
 
@@ -42,6 +44,7 @@ from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 from llmcompressor.modifiers.gptq.helpers import (
     accumulate_hessian,
     assign_batches,
+    make_empty_hessian,
     prepare_batch,
     update_batch_qparams,
 )
@@ -98,6 +101,12 @@ class QEPModifier(GPTQModifier):
         :mod:`qep_modifier.gptq_sweep`
     :param stream_offload_device: where the full-precision stream waits
         between layers; keep it equal to oneshot's ``sequential_offload_device``
+    :param cache_full_precision_inputs: with ``true_sequential``, keep the
+        full-precision inputs of a layer's later corrected groups from its
+        calibration pass (on ``stream_offload_device``) instead of recomputing
+        them in each group's replay: about a sixth less calibration compute for a
+        Llama block, for one more activation cache per such group while the
+        layer is calibrated. Results are the same either way.
     :param report_errors: after calibration, ``error_report`` lists for every
         module the relative output error ``||W X - V X~|| / ||W X||`` of the
         original weight, the corrected weight and the quantized weight (costs
@@ -111,6 +120,7 @@ class QEPModifier(GPTQModifier):
     first_order_strength: float = 0.0
     first_order_reach: Literal["next", "all"] = "next"
     stream_offload_device: str | None = "cpu"
+    cache_full_precision_inputs: bool = True
     report_errors: bool = False
 
     _cross_terms: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(
@@ -132,6 +142,10 @@ class QEPModifier(GPTQModifier):
     _uncalibrated: list[str] = PrivateAttr(default_factory=list)
     _token_counts: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
     _quantized: set[torch.nn.Module] = PrivateAttr(default_factory=set)
+    # the last input's Hessian (and cross-term) increment, for the next module
+    # fed the very same tensor (q, k and v share one input)
+    _hessian_memo: tuple | None = PrivateAttr(default=None)
+    _cross_term_memo: tuple | None = PrivateAttr(default=None)
 
     @property
     def error_report(self) -> list[dict]:
@@ -233,9 +247,13 @@ class QEPModifier(GPTQModifier):
             full_precision_stream=corrected,
             keep_layer_calls=self.true_sequential,
             on_unpaired=self._mark_unpaired,
+            on_layer_order=self._defer_later_groups,
+            cache_full_precision=self.cache_full_precision_inputs,
+            skip_deferred_compute=self._calibration_output_unread(state, linears),
         )
         for module in linears:
-            self.register_hook(module, self._linear_hook, "forward")
+            # a pre-hook: a replay can stop before its last Linear computes
+            self.register_hook(module, self._linear_hook, "forward_pre")
         for layer in self._layers:
             self.register_hook(layer, self._layer_hook, "forward", with_kwargs=True)
 
@@ -250,41 +268,75 @@ class QEPModifier(GPTQModifier):
             and is_module_quantized(module)
             and _quantizes_weight(module)
         ]
+        self._capture.end_calibration_pass()
         # llm-compressor counts batches, not tokens: an expert the router never
         # chose has samples and an all-zero Hessian, which GPTQ turns into zeros
-        calibrated = [module for module in targets if self._token_counts.get(module, 0) > 0]
+        # (deferred modules count their tokens in their replay)
+        calibrated = [
+            module
+            for module in targets
+            if self._token_counts.get(module, 0) > 0 or module in self._capture.deferred
+        ]
         self._quantize_uncalibrated([m for m in targets if m not in calibrated])
         if not calibrated:
             return
-        layers = {self._linear_layer.get(module) for module in calibrated}
+        # modules outside every sequential target (a quantized lm_head in the
+        # last subgraph) have no replay: their group comes last, from the
+        # calibration pass
+        outside = [m for m in calibrated if self._linear_layer.get(m) is None]
+        layers = {self._linear_layer[m] for m in calibrated if m not in outside}
         layer = next(iter(layers)) if len(layers) == 1 else None
         groups = [calibrated]
         if self.true_sequential and layer is not None:
-            groups = self._groups(layer, calibrated)
-        elif self.true_sequential:
+            inside = [module for module in calibrated if module not in outside]
+            groups = self._groups(layer, inside)
+        elif self.true_sequential and len(layers) > 1:
+            if self._capture.deferred.intersection(calibrated):
+                raise RuntimeError(
+                    "QEP: true_sequential needs one sequential target per subgraph, "
+                    f"and this subgraph calibrated Linears of {len(layers)}; set "
+                    "`true_sequential: false`, or pass oneshot `sequential_targets` "
+                    "that put one target in each subgraph"
+                )
             logger.warning(
                 "QEP: true_sequential needs one sequential target per subgraph; "
                 "quantizing these modules in one group"
             )
-
+        # the first group's statistics come from the calibration pass, unless it
+        # holds a module that pass deferred to a replay
+        replays = [
+            index > 0 or bool(self._capture.deferred.intersection(group))
+            for index, group in enumerate(groups)
+        ]
+        if groups[0] is not calibrated and outside:
+            groups.append(outside)
+            replays.append(False)
         # a later group's full-precision replay needs the earlier groups'
         # original weights; a group with no corrected module replays only the
         # quantized stream
         needs_pair = [self._needs_input_pairs(group) for group in groups]
         original_weights: dict[torch.nn.Module, torch.Tensor] = {}
         for index, group in enumerate(groups):
-            if index > 0:
+            replayed = replays[index]
+            if replayed:
                 for module in group:
                     self._forget_statistics(module)
                 self._capture.replay_group(
                     layer, group, original_weights, full_precision=needs_pair[index]
                 )
-            if any(needs_pair[index + 1 :]):
+                self._clear_memos()
+            if any(needs_pair[index + 1 :]) and not self.cache_full_precision_inputs:
                 for module in group:
                     original_weights[module] = module.weight.detach().to(
                         self.stream_offload_device or module.weight.device, copy=True
                     )
-            self._correct_and_quantize(group)
+            if replayed:  # the replay may route no token to a module (MoE)
+                fed = [module for module in group if self._token_counts.get(module, 0)]
+                self._quantize_uncalibrated([m for m in group if m not in fed])
+                group = fed
+            if group:
+                self._correct_and_quantize(group)
+        self._clear_memos()
         for layer in layers:
             if layer is not None:
                 self._capture.end_layer(layer)
@@ -311,6 +363,7 @@ class QEPModifier(GPTQModifier):
             )
         self._unpaired, self._unpaired_names, self._uncalibrated = set(), [], []
         self._token_counts, self._quantized = {}, set()
+        self._clear_memos()
         if self._uncorrected:
             logger.warning(
                 "QEP: the correction was skipped (H~ + l I stayed indefinite) for "
@@ -324,7 +377,7 @@ class QEPModifier(GPTQModifier):
         return super().on_finalize(state, **kwargs)
 
     # ----------------------------------------------------------------- hooks
-    def _linear_hook(self, module, args, _output):
+    def _linear_hook(self, module, args):
         self._capture.linear_input(module, args[0])
 
     def _layer_hook(self, module, args, kwargs, output):
@@ -334,7 +387,24 @@ class QEPModifier(GPTQModifier):
     def _accumulate_hessian(self, module: torch.nn.Module, inp: torch.Tensor):
         tokens = inp.numel() // max(1, inp.shape[-1])
         self._token_counts[module] = self._token_counts.get(module, 0) + tokens
-        self.calibrate_module(module, (inp,), None)
+        if module not in self._num_samples:
+            self._hessians[module] = make_empty_hessian(
+                module, device=get_execution_device(module)
+            )
+            self._num_samples[module] = torch.zeros(
+                (), device=get_execution_device(module)
+            )
+        hessian, num_samples = self._hessians[module], self._num_samples[module]
+        memo = self._hessian_memo
+        if memo is None or memo[0] is not inp or memo[1].shape != hessian.shape:
+            # the toolkit's own accumulation, into zeros: 0 + P is P exactly, so
+            # adding the increment is bit for bit GPTQModifier's update
+            increment, count = accumulate_hessian(
+                inp, module, torch.zeros_like(hessian), torch.zeros_like(num_samples)
+            )
+            memo = self._hessian_memo = (inp, increment, count)
+        hessian += memo[1].to(hessian.device)
+        num_samples += memo[2].to(num_samples.device)
 
     def _accumulate_cross_term(
         self,
@@ -346,11 +416,23 @@ class QEPModifier(GPTQModifier):
             self._strengths.get(module, 0.0) == 0.0 and not self.report_errors
         ):
             return
-        accumulate_cross_term(
-            full_precision_input,
-            quantized_input,
-            _square_accumulator(self._cross_terms, module),
-        )
+        cross_term = _square_accumulator(self._cross_terms, module)
+        memo = self._cross_term_memo
+        if (
+            memo is None
+            or memo[0] is not full_precision_input
+            or memo[1] is not quantized_input
+            or memo[2].shape != cross_term.shape
+        ):
+            increment = accumulate_cross_term(
+                full_precision_input, quantized_input, torch.zeros_like(cross_term)
+            )
+            memo = self._cross_term_memo = (
+                full_precision_input,
+                quantized_input,
+                increment,
+            )
+        cross_term += memo[2].to(cross_term.device)
         if self.report_errors:  # G = X X^T, normalised like H~ (in place)
             gram = _square_accumulator(self._full_precision_grams, module)
             accumulate_hessian(full_precision_input, module, gram, torch.zeros(()))
@@ -360,6 +442,40 @@ class QEPModifier(GPTQModifier):
         self._unpaired.add(module)
         self._cross_terms.pop(module, None)
         self._full_precision_grams.pop(module, None)
+
+    def _defer_later_groups(self, layer: torch.nn.Module):
+        """The layer's order is known: its later groups wait for their replays."""
+        if not self.true_sequential:
+            return
+        modules = [
+            module
+            for module, owner in self._linear_layer.items()
+            if owner is layer and _quantizes_weight(module)
+        ]
+        groups = self._groups(layer, modules)
+        for group in groups[1:]:
+            self._capture.deferred.update(group)
+            if self._needs_input_pairs(group):
+                self._capture.cached_linears.update(group)
+
+    def _calibration_output_unread(self, state: State, linears) -> bool:
+        """Whether nothing but QEP's own hooks reads a layer's calibration pass
+        past its first group, so later groups' Linears may skip computing there.
+
+        Not when another modifier of the recipe calibrates in the same pass, nor
+        when a quantized module lies outside every sequential target (a
+        quantized ``lm_head`` reads the last layer's calibration output).
+        """
+        if not self.true_sequential:
+            return False
+        if any(module not in self._linear_layer for module in linears):
+            return False
+        recipe = getattr(active_session().lifecycle, "recipe", None)
+        modifiers = getattr(recipe, "modifiers", None) or []
+        return all(modifier is self for modifier in modifiers)
+
+    def _clear_memos(self):
+        self._hessian_memo = self._cross_term_memo = None
 
     # ----------------------------------------------------------- quantizing
     def _groups(

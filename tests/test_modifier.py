@@ -1,5 +1,6 @@
 """QEPModifier through llm-compressor's oneshot on tiny random Llamas."""
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -138,17 +139,19 @@ def test_uncorrected_group_is_replayed_on_the_quantized_stream_only(model_dir, c
     quantized_model = quantize(model_dir, recipe, calibration)
     seen_fp, seen_q = recipe._seen["full_precision"], recipe._seen["quantized"]
     layer = "model.layers.1"
-    # calibration pass + its group's replay
-    assert len(seen_q[f"{layer}.mlp.down_proj"]) == 2 * NUM_SAMPLES
-    assert len(seen_q[f"{layer}.mlp.up_proj"]) == 2 * NUM_SAMPLES
-    assert len(seen_fp[f"{layer}.mlp.down_proj"]) == NUM_SAMPLES  # calibration pass only
-    assert len(seen_fp[f"{layer}.mlp.up_proj"]) == 2 * NUM_SAMPLES
+    # the calibration pass hands later groups' quantized inputs over on the
+    # first batch only (before the layer's groups are known; the full-precision
+    # re-run comes after that), then the group's replay does
+    assert len(seen_q[f"{layer}.mlp.down_proj"]) == 1 + NUM_SAMPLES
+    assert len(seen_q[f"{layer}.mlp.up_proj"]) == 1 + NUM_SAMPLES
+    assert f"{layer}.mlp.down_proj" not in seen_fp  # never paired
+    assert len(seen_fp[f"{layer}.mlp.up_proj"]) == NUM_SAMPLES
     # and the quantized stream it saw last is still what the final model feeds it
     name = f"{layer}.mlp.down_proj"
     final = _inputs_of(quantized_model, [name], torch.tensor(calibration["input_ids"]))
     for sample in range(NUM_SAMPLES):
         torch.testing.assert_close(
-            seen_q[name][NUM_SAMPLES + sample], final[name][sample], rtol=1e-4, atol=1e-5
+            seen_q[name][1 + sample], final[name][sample], rtol=1e-4, atol=1e-5
         )
 
 
@@ -257,3 +260,114 @@ def test_error_report_lists_every_module(model_dir, calibration):
     assert report["model.layers.0.self_attn.q_proj"]["before"] == pytest.approx(0.0, abs=1e-6)
     assert report["model.layers.2.self_attn.q_proj"]["before"] > 0.01
     assert report["model.layers.2.self_attn.q_proj"]["corrected"] < report["model.layers.2.self_attn.q_proj"]["before"]
+
+
+def _count_linear_work(monkeypatch):
+    """Count Linear products and Hessian products while a recipe runs."""
+    import qep_modifier.modifier as modifier_module
+    from llmcompressor.modifiers.gptq import base as gptq_base
+
+    counts = {"forward": 0, "hessian": 0}
+    linear = torch.nn.functional.linear
+    accumulate = modifier_module.accumulate_hessian
+
+    def counted_linear(*args, **kwargs):
+        counts["forward"] += 1
+        return linear(*args, **kwargs)
+
+    def counted_accumulate(*args, **kwargs):
+        counts["hessian"] += 1
+        return accumulate(*args, **kwargs)
+
+    # nn.Linear and the replays' original-weight forward both call it
+    monkeypatch.setattr(torch.nn.functional, "linear", counted_linear)
+    monkeypatch.setattr(modifier_module, "accumulate_hessian", counted_accumulate)
+    monkeypatch.setattr(gptq_base, "accumulate_hessian", counted_accumulate)
+    return counts
+
+
+def _patched_linears(model) -> list[str]:
+    """Linears whose forward QEP replaced on the instance and left so."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and isinstance(module.__dict__.get("forward"), functools.partial)
+    ]
+
+
+def test_calibration_work_per_layer_and_batch(model_dir, calibration, monkeypatch):
+    # 3 Llama layers (q k v | o | gate up | down), 8 batches; the pipeline
+    # never runs lm_head (no target after it)
+    counts = _count_linear_work(monkeypatch)
+    common = dict(targets="Linear", ignore=["lm_head"], config_groups=group_scheme(3, 32))
+    layer_batches = 3 * NUM_SAMPLES
+
+    quantize(model_dir, GPTQModifier(**common), calibration)
+    # calibration pass and propagation pass; a Hessian product per Linear
+    assert counts == {"forward": (7 + 7) * layer_batches, "hessian": 7 * layer_batches}
+
+    for cache, full_precision_replays in ((True, 0), (False, 3 + 5)):
+        counts.update(forward=0, hessian=0)
+        model = quantize(model_dir, QEPModifier(cache_full_precision_inputs=cache, **common), calibration)
+        assert not _patched_linears(model)  # the skipped Linears compute again
+        # calibration pass: the whole layer on a layer's first batch; once its
+        # groups are known, only the first group's q k v compute (the pipeline
+        # throws the pass's output away); then the full-precision re-run,
+        # quantized replays up to o (q k v), up (q k v o gate) and down (all but
+        # down: a replay stops before its group's last Linear computes), and the
+        # propagation pass. With the cache off, the full-precision stream is
+        # replayed up to o and up too (down is not corrected by default)
+        per_batch = 7 + (3 + 5 + 6) + full_precision_replays + 7
+        first_batches, later_batches = 3, layer_batches - 3
+        expected = (7 + per_batch) * first_batches + (3 + per_batch) * later_batches
+        assert counts["forward"] == expected, cache
+        # one product per distinct input: q k v share one, gate and up one. The
+        # calibration pass computes the first group's only (all four on the
+        # first batch, before the layer's groups are known); each replay its own
+        assert counts["hessian"] == 3 * (4 + (NUM_SAMPLES - 1) + 3 * NUM_SAMPLES), cache
+
+
+def test_cached_and_recomputed_full_precision_inputs_agree(model_dir, calibration):
+    common = dict(targets="Linear", ignore=["lm_head"], config_groups=group_scheme(3, 32))
+    cached = quantized_linears(
+        quantize(model_dir, QEPModifier(first_order_strength=0.1, **common), calibration)
+    )
+    recomputed = quantized_linears(
+        quantize(
+            model_dir,
+            QEPModifier(first_order_strength=0.1, cache_full_precision_inputs=False, **common),
+            calibration,
+        )
+    )
+    for name in cached:
+        for key in cached[name]:
+            assert torch.equal(cached[name][key], recomputed[name][key]), (name, key)
+
+
+def test_propagate_error_false_is_refused(model_dir, calibration):
+    recipe = QEPModifier(targets="Linear", ignore=["lm_head"], config_groups=group_scheme(3, 32))
+    with pytest.raises(RuntimeError, match="propagate_error=True"):
+        quantize(model_dir, recipe, calibration, propagate_error=False)
+
+
+def test_calibration_pass_computes_everything_for_other_modifiers(model_dir, calibration):
+    # QEP's later groups skip computing in the calibration pass only when no
+    # other modifier's hook reads what follows them: here GPTQModifier
+    # calibrates down_proj in the same pass, after QEP's gate and up
+    seen = []
+
+    class Spy(GPTQModifier):
+        def calibrate_module(self, module, args, output):
+            seen.append(float(args[0].abs().sum()))
+            super().calibrate_module(module, args, output)
+
+    weights = group_scheme(3, 32)["group_0"]["weights"]
+    qep_targets, spy_targets = ["re:.*(q|k|v|o|gate|up)_proj$"], ["re:.*down_proj$"]
+    qep = QEPModifier(
+        targets=qep_targets, config_groups={"qep": {"targets": qep_targets, "weights": weights}}
+    )
+    spy = Spy(targets=spy_targets, config_groups={"gptq": {"targets": spy_targets, "weights": weights}})
+    model = quantize(model_dir, [qep, spy], calibration)
+    assert len(seen) == 3 * NUM_SAMPLES and all(value > 0 for value in seen)
+    assert not _patched_linears(model)
