@@ -102,6 +102,11 @@ METHODS = {
     },
     "qep_down_corrected": (_qep(propagation_strength=0.5), {}, "QEP, down_proj corrected too (0.5)"),
     "qep_no_true_sequential": (_qep(true_sequential=False), {}, "QEP, within-block order off"),
+    "qep_no_cache": (
+        _qep(cache_full_precision_inputs=False),
+        {},
+        "QEP, full-precision stream replayed, not cached (same numbers, less memory)",
+    ),
     **{
         f"foem_b{beta}": (_qep(propagation_strength=0.0, first_order_strength=beta), {}, f"FOEM beta {beta}")
         for beta in (0.05, 0.2)
