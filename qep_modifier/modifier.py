@@ -396,13 +396,18 @@ class QEPModifier(GPTQModifier):
             )
         hessian, num_samples = self._hessians[module], self._num_samples[module]
         memo = self._hessian_memo
-        if memo is None or memo[0] is not inp or memo[1].shape != hessian.shape:
+        if (
+            memo is None
+            or memo[0] is not inp
+            or memo[3] != inp._version  # written in place since
+            or memo[1].shape != hessian.shape
+        ):
             # the toolkit's own accumulation, into zeros: 0 + P is P exactly, so
             # adding the increment is bit for bit GPTQModifier's update
             increment, count = accumulate_hessian(
                 inp, module, torch.zeros_like(hessian), torch.zeros_like(num_samples)
             )
-            memo = self._hessian_memo = (inp, increment, count)
+            memo = self._hessian_memo = (inp, increment, count, inp._version)
         hessian += memo[1].to(hessian.device)
         num_samples += memo[2].to(num_samples.device)
 
@@ -418,10 +423,12 @@ class QEPModifier(GPTQModifier):
             return
         cross_term = _square_accumulator(self._cross_terms, module)
         memo = self._cross_term_memo
+        versions = (full_precision_input._version, quantized_input._version)
         if (
             memo is None
             or memo[0] is not full_precision_input
             or memo[1] is not quantized_input
+            or memo[3] != versions  # written in place since
             or memo[2].shape != cross_term.shape
         ):
             increment = accumulate_cross_term(
@@ -431,6 +438,7 @@ class QEPModifier(GPTQModifier):
                 full_precision_input,
                 quantized_input,
                 increment,
+                versions,
             )
         cross_term += memo[2].to(cross_term.device)
         if self.report_errors:  # G = X X^T, normalised like H~ (in place)

@@ -270,11 +270,6 @@ class DualStreamCapture:
                 full_precision_inputs=cached,
             )
 
-    @property
-    def replaying(self) -> bool:
-        """Whether the hooks are firing inside :meth:`replay_group`."""
-        return self._accept is not None
-
     # --------------------------------------------------------------- groups
     def groups(self, layer: torch.nn.Module) -> list[list[torch.nn.Module]]:
         """The layer's Linears grouped by shared input, in execution order."""

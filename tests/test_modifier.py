@@ -371,3 +371,17 @@ def test_calibration_pass_computes_everything_for_other_modifiers(model_dir, cal
     model = quantize(model_dir, [qep, spy], calibration)
     assert len(seen) == 3 * NUM_SAMPLES and all(value > 0 for value in seen)
     assert not _patched_linears(model)
+
+
+def test_shared_input_written_in_place_is_not_reused(model_dir):
+    # q, k and v share one Hessian product per input tensor; a tensor written in
+    # place between two modules' hooks must get a fresh product
+    recipe = QEPModifier(targets="Linear", ignore=["lm_head"], config_groups=group_scheme(3, 32))
+    first, second = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    inp = torch.randn(5, 4)
+    recipe._accumulate_hessian(first, inp)
+    inp.mul_(2.0)
+    recipe._accumulate_hessian(second, inp)
+    assert torch.allclose(recipe._hessians[second], 4 * recipe._hessians[first])
+    recipe._accumulate_hessian(first, inp)  # same tensor, same version: shared
+    assert torch.allclose(recipe._hessians[first], recipe._hessians[second] * 5 / 4)
