@@ -142,10 +142,9 @@ class QEPModifier(GPTQModifier):
     _uncalibrated: list[str] = PrivateAttr(default_factory=list)
     _token_counts: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
     _quantized: set[torch.nn.Module] = PrivateAttr(default_factory=set)
-    # the last input's Hessian (and cross-term) increment, for the next module
-    # fed the very same tensor (q, k and v share one input)
-    _hessian_memo: tuple | None = PrivateAttr(default=None)
-    _cross_term_memo: tuple | None = PrivateAttr(default=None)
+    # per kind ("hessian", "cross_term"): the last inputs and their increment,
+    # for the next module fed the very same tensors (q, k and v share one input)
+    _shared_products: dict[str, tuple] = PrivateAttr(default_factory=dict)
 
     @property
     def error_report(self) -> list[dict]:
@@ -249,7 +248,7 @@ class QEPModifier(GPTQModifier):
             on_unpaired=self._mark_unpaired,
             on_layer_order=self._defer_later_groups,
             cache_full_precision=self.cache_full_precision_inputs,
-            skip_deferred_compute=self._calibration_output_unread(state, linears),
+            skip_deferred_compute=self._calibration_output_unread(linears),
         )
         for module in linears:
             # a pre-hook: a replay can stop before its last Linear computes
@@ -395,21 +394,18 @@ class QEPModifier(GPTQModifier):
                 (), device=get_execution_device(module)
             )
         hessian, num_samples = self._hessians[module], self._num_samples[module]
-        memo = self._hessian_memo
-        if (
-            memo is None
-            or memo[0] is not inp
-            or memo[3] != inp._version  # written in place since
-            or memo[1].shape != hessian.shape
-        ):
-            # the toolkit's own accumulation, into zeros: 0 + P is P exactly, so
-            # adding the increment is bit for bit GPTQModifier's update
-            increment, count = accumulate_hessian(
+        # the toolkit's own accumulation, into zeros: 0 + P is P exactly, so
+        # adding the increment is bit for bit GPTQModifier's update
+        increment, count = self._shared_product(
+            "hessian",
+            (inp,),
+            hessian.shape,
+            lambda: accumulate_hessian(
                 inp, module, torch.zeros_like(hessian), torch.zeros_like(num_samples)
-            )
-            memo = self._hessian_memo = (inp, increment, count, inp._version)
-        hessian += memo[1].to(hessian.device)
-        num_samples += memo[2].to(num_samples.device)
+            ),
+        )
+        hessian += increment.to(hessian.device)
+        num_samples += count.to(num_samples.device)
 
     def _accumulate_cross_term(
         self,
@@ -422,25 +418,15 @@ class QEPModifier(GPTQModifier):
         ):
             return
         cross_term = _square_accumulator(self._cross_terms, module)
-        memo = self._cross_term_memo
-        versions = (full_precision_input._version, quantized_input._version)
-        if (
-            memo is None
-            or memo[0] is not full_precision_input
-            or memo[1] is not quantized_input
-            or memo[3] != versions  # written in place since
-            or memo[2].shape != cross_term.shape
-        ):
-            increment = accumulate_cross_term(
+        increment = self._shared_product(
+            "cross_term",
+            (full_precision_input, quantized_input),
+            cross_term.shape,
+            lambda: accumulate_cross_term(
                 full_precision_input, quantized_input, torch.zeros_like(cross_term)
-            )
-            memo = self._cross_term_memo = (
-                full_precision_input,
-                quantized_input,
-                increment,
-                versions,
-            )
-        cross_term += memo[2].to(cross_term.device)
+            ),
+        )
+        cross_term += increment.to(cross_term.device)
         if self.report_errors:  # G = X X^T, normalised like H~ (in place)
             gram = _square_accumulator(self._full_precision_grams, module)
             accumulate_hessian(full_precision_input, module, gram, torch.zeros(()))
@@ -455,18 +441,14 @@ class QEPModifier(GPTQModifier):
         """The layer's order is known: its later groups wait for their replays."""
         if not self.true_sequential:
             return
-        modules = [
-            module
-            for module, owner in self._linear_layer.items()
-            if owner is layer and _quantizes_weight(module)
-        ]
+        modules = [m for m in self._capture.layer_linears(layer) if _quantizes_weight(m)]
         groups = self._groups(layer, modules)
         for group in groups[1:]:
             self._capture.deferred.update(group)
             if self._needs_input_pairs(group):
                 self._capture.cached_linears.update(group)
 
-    def _calibration_output_unread(self, state: State, linears) -> bool:
+    def _calibration_output_unread(self, linears: list[torch.nn.Module]) -> bool:
         """Whether nothing but QEP's own hooks reads a layer's calibration pass
         past its first group, so later groups' Linears may skip computing there.
 
@@ -482,8 +464,21 @@ class QEPModifier(GPTQModifier):
         modifiers = getattr(recipe, "modifiers", None) or []
         return all(modifier is self for modifier in modifiers)
 
+    def _shared_product(self, kind: str, inputs: tuple, shape: torch.Size, compute):
+        """``compute()``, reused while the next module of ``kind`` is fed the very
+        same tensors (not written in place since) into an accumulator of ``shape``."""
+        signature = (tuple(tensor._version for tensor in inputs), shape)
+        memo = self._shared_products.get(kind)
+        if (
+            memo is None
+            or memo[1] != signature
+            or any(kept is not tensor for kept, tensor in zip(memo[0], inputs))
+        ):
+            memo = self._shared_products[kind] = (inputs, signature, compute())
+        return memo[2]
+
     def _clear_memos(self):
-        self._hessian_memo = self._cross_term_memo = None
+        self._shared_products.clear()
 
     # ----------------------------------------------------------- quantizing
     def _groups(

@@ -186,8 +186,6 @@ class DualStreamCapture:
             ):
                 self._pending.setdefault(linear, []).append(inp)
         else:
-            if self._caching is not None and linear in self.cached_linears:
-                self._caching.setdefault(linear, []).append(self._offloaded(inp))
             self._pair(linear, inp)
         self._maybe_stop(linear)
 
@@ -323,33 +321,41 @@ class DualStreamCapture:
                 self._stop_seen = 0
                 with self._stream(QUANTIZED), contextlib.suppress(_StopReplay):
                     layer(call.quantized_hidden.to(device), *args, **kwargs)
-                if self.full_precision_stream and full_precision and (
-                    self.cache_full_precision
-                ):
-                    onloaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                if self.full_precision_stream and full_precision:
                     with self._stream(FULL_PRECISION):
-                        for linear in order[: end + 1]:
-                            inputs = call.full_precision_inputs.get(linear)
-                            if linear not in members or not inputs:
-                                continue
-                            cached = inputs.pop(0)  # one copy for Linears sharing it
-                            if id(cached) not in onloaded:
-                                onloaded[id(cached)] = (cached, cached.to(device))
-                            self._pair(linear, onloaded[id(cached)][1])
-                    self._unpair_leftovers()
-                elif self.full_precision_stream and full_precision:
-                    with (
-                        self._stream(FULL_PRECISION),
-                        _full_precision_outputs(original_weights),
-                        contextlib.suppress(_StopReplay),
-                    ):
-                        self._stop_seen = 0
-                        layer(call.full_precision_hidden.to(device), *args, **kwargs)
+                        if self.cache_full_precision:
+                            self._pair_cached(call, order[: end + 1], members, device)
+                        else:
+                            with (
+                                _full_precision_outputs(original_weights),
+                                contextlib.suppress(_StopReplay),
+                            ):
+                                self._stop_seen = 0
+                                hidden = call.full_precision_hidden.to(device)
+                                layer(hidden, *args, **kwargs)
                     self._unpair_leftovers()
                 self._pending.clear()
         finally:
             self._accept, self._stop_after = None, None
             self._pending.clear()
+
+    def _pair_cached(
+        self,
+        call: _LayerCall,
+        order: Sequence[torch.nn.Module],
+        members: set[torch.nn.Module],
+        device: torch.device,
+    ) -> None:
+        """Pair the group's cached full-precision inputs, in call ``order``."""
+        onloaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for linear in order:
+            inputs = call.full_precision_inputs.get(linear)
+            if linear not in members or not inputs:
+                continue
+            cached = inputs.pop(0)  # one copy for Linears sharing it
+            if id(cached) not in onloaded:
+                onloaded[id(cached)] = (cached, cached.to(device))
+            self._pair(linear, onloaded[id(cached)][1])
 
     def end_calibration_pass(self) -> None:
         """The calibration pass is over: deferred Linears compute again."""
@@ -361,10 +367,12 @@ class DualStreamCapture:
         """Drop what was kept for ``layer``'s replays."""
         self.records.pop(layer, None)
         self._pending.clear()
-        self.deferred.difference_update(self.linear_layer_members(layer))
-        self.cached_linears.difference_update(self.linear_layer_members(layer))
+        linears = self.layer_linears(layer)
+        self.deferred.difference_update(linears)
+        self.cached_linears.difference_update(linears)
 
-    def linear_layer_members(self, layer: torch.nn.Module) -> list[torch.nn.Module]:
+    def layer_linears(self, layer: torch.nn.Module) -> list[torch.nn.Module]:
+        """The target Linears inside ``layer``."""
         return [linear for linear, owner in self.linear_layer.items() if owner is layer]
 
     def reset(self) -> None:
@@ -381,7 +389,7 @@ class DualStreamCapture:
         """From the next calibration call on, ``layer``'s deferred Linears
         return zeros in the calibration pass (the full-precision re-run, run
         inside it, still computes)."""
-        for linear in self.linear_layer_members(layer):
+        for linear in self.layer_linears(layer):
             if linear in self.deferred and linear not in self._skipping:
                 self._skipping[linear] = linear.__dict__.get(
                     "forward", _NO_INSTANCE_FORWARD
