@@ -1,25 +1,32 @@
 """QEPModifier: quantization error propagation on top of llm-compressor's GPTQ.
 
-Lifecycle (as GPTQModifier's, with the second stream added):
+Data flows one way, per subgraph of llm-compressor's sequential pipeline:
 
-- ``on_initialize``: apply the quantization config, check the recipe, find the
-  sequential targets (decoder layers) and each target Linear's layer.
-- ``on_calibration_start``: observer hooks (toolkit), a forward pre-hook on
-  each target Linear (X~ and X) and a forward hook on each sequential target
-  (the full-precision re-run), all through ``HooksMixin``.
-- ``on_sequential_epoch_end``: for each group of the layer (one group without
-  ``true_sequential``): replay it if it is not the first (its statistics were
-  deferred, see :mod:`qep_modifier.streams`), correct ``W -> W*``, observe
-  scales on ``W*``, then run the base quantizer (GPTQ sweep with Hessian
-  ``H~``, or RTN).
-- ``on_calibration_end``: remove hooks, freeze quantization.
+1. **record** (calibration pass): a pre-hook keeps each batch's call of each
+   decoder layer (:class:`~qep_modifier.capture.RecordedCalls`). When nothing
+   else reads that pass, the layers compute only its first batch there.
+2. **plan** (epoch end): one traced forward gives the layer's within-block
+   groups (:func:`~qep_modifier.plan.plan_layer`).
+3. **run**: a full-precision pass (original weights, on the full-precision
+   stream kept from the previous layer) keeps the corrected Linears' inputs
+   ``X`` and the next layer's full-precision input; then, group by group, a
+   replay of the quantized stream up to the group (resuming from the previous
+   replay) gives ``X~``; the statistics (:mod:`qep_modifier.statistics`) are
+   summed over the batches.
+4. **correct**: ``W* = W + a W C (H~ + l I)^-1`` (:mod:`qep_modifier.correction`).
+5. **quantize**: the observer's scales on ``W*``, then the GPTQ sweep with
+   ``H~`` (with FOEM's term when ``first_order_strength > 0``,
+   :mod:`qep_modifier.gptq_sweep`) or round to nearest.
+
+Every forward QEP runs itself runs with every other hook silenced, so another
+modifier calibrating in the same pass sees each batch once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Literal
 
@@ -28,7 +35,6 @@ from compressed_tensors.offload import disable_offloading
 from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.offload.dist_utils import is_source_process as is_src
 from compressed_tensors.quantization import QuantizationType, fake_quantize
-from compressed_tensors.quantization.utils import is_module_quantized
 from compressed_tensors.utils import (
     get_execution_device,
     getattr_chain,
@@ -37,14 +43,13 @@ from compressed_tensors.utils import (
 )
 from loguru import logger
 from pydantic import PrivateAttr, field_validator
+from tqdm import tqdm
 
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 from llmcompressor.modifiers.gptq.helpers import (
-    accumulate_hessian,
     assign_batches,
-    make_empty_hessian,
     prepare_batch,
     update_batch_qparams,
 )
@@ -54,16 +59,24 @@ from llmcompressor.observers import ACTIVATION_OBS
 from llmcompressor.utils.metric_logging import CompressionLogger
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
+from qep_modifier.capture import (
+    LayerPass,
+    RecordedCalls,
+    ReplayOutputs,
+    SkippedCalibration,
+    first_tensor,
+    split_hidden,
+)
 from qep_modifier.correction import (
     DEFAULT_STRENGTH_KEY,
     CorrectionFailed,
-    accumulate_cross_term,
     corrected_weight,
     relative_output_error,
     resolve_propagation_strength,
 )
 from qep_modifier.gptq_sweep import quantize_weight_first_order
-from qep_modifier.streams import DualStreamCapture
+from qep_modifier.plan import Group, expert_role, plan_layer, plan_subgraph
+from qep_modifier.statistics import LinearStatistics, accumulate_batch
 
 __all__ = ["QEPModifier", "FOEMModifier", "DEFAULT_PROPAGATION_STRENGTH"]
 
@@ -76,9 +89,50 @@ DEFAULT_PROPAGATION_STRENGTH: dict[str, float] = {
     DEFAULT_STRENGTH_KEY: 0.5,
 }
 
+# what can go wrong for a module, and what it means (one summary at the end)
+_PROBLEMS = {
+    "unpaired": "the full-precision and quantized streams sent them different tokens "
+    "(mixture-of-experts routing), so they were quantized without correction; "
+    "oneshot's moe_calibrate_all_experts=True (its default) feeds every expert every "
+    "token and pairs them",
+    "outside": "they lie outside the decoder layers, where there is no full-precision "
+    "stream, so they were quantized without correction",
+    "uncorrected": "the correction was skipped (H~ + l I stayed indefinite), so they "
+    "were quantized from their original weights",
+    "uncalibrated": "they saw no calibration token and were rounded to nearest from "
+    "their own weights (no GPTQ, no correction)",
+    "rtn_fallback": "GPTQ's Hessian inversion failed and they were rounded to nearest "
+    "(raise dampening_frac or use more calibration samples)",
+}
+
 
 class QEPModifier(GPTQModifier):
     """GPTQ (or RTN) on weights corrected for the error of earlier layers.
+
+    Sample yaml (``import qep_modifier`` registers the name)::
+
+        quant_stage:
+          quant_modifiers:
+            QEPModifier:
+              targets: [Linear]
+              ignore: [lm_head]
+              scheme: W4A16
+              weight_observer: memoryless_mse
+              propagation_strength: {"(^|\\\\.)down_proj$": 0.0, default: 0.5}
+
+    Lifecycle:
+
+    - ``on_initialize``: apply the quantization config, check the recipe, find
+      the decoder layers (sequential targets) and each target Linear's layer
+    - ``on_calibration_start``: a pre-hook on each layer records its calls; a
+      pre-hook on each target outside the layers (``lm_head``) accumulates its
+      Hessian; layers compute only their first batch in the calibration pass
+      when nothing else reads it
+    - ``on_sequential_epoch_end``: per layer of the subgraph: plan, full-precision
+      pass, per group replay -> correct -> observe -> quantize (module docstring)
+    - ``on_calibration_end``: remove hooks, freeze quantization
+    - ``on_finalize``: one warning summarising modules that were not corrected,
+      not calibrated or fell back to round-to-nearest
 
     Accepts every GPTQModifier field (``targets``, ``ignore``, ``scheme``,
     ``config_groups``, ``block_size``, ``dampening_frac``, ``actorder``), plus:
@@ -91,22 +145,25 @@ class QEPModifier(GPTQModifier):
     :param base: ``gptq`` (the GPTQ sweep on ``W*`` with Hessian ``H~``) or
         ``rtn`` (round ``W*`` to the observer's grid)
     :param true_sequential: quantize a layer's Linears group by group
-        (modules sharing an input, in execution order) and recompute both
-        streams' inputs for each later group
+        (modules sharing an input, in execution order), each group calibrated
+        on the quantized stream through the groups before it
     :param first_order_strength: FOEM's ``beta`` in the GPTQ sweep, >= 0
         (0 is the plain GPTQ sweep)
     :param first_order_reach: which columns FOEM's first-order pull reaches
         when a column is quantized: ``next`` (the next column in sweep order,
         as the authors' code does) or ``all`` (every remaining column); see
         :mod:`qep_modifier.gptq_sweep`
-    :param stream_offload_device: where the full-precision stream waits
-        between layers; keep it equal to oneshot's ``sequential_offload_device``
-    :param cache_full_precision_inputs: with ``true_sequential``, keep the
-        full-precision inputs of a layer's later corrected groups from its
-        calibration pass (on ``stream_offload_device``) instead of recomputing
-        them in each group's replay: about a sixth less calibration compute for a
-        Llama block, for one more activation cache per such group while the
-        layer is calibrated. Results are the same either way.
+    :param stream_offload_device: where the full-precision stream, the recorded
+        layer calls and the kept activations wait; keep it equal to oneshot's
+        ``sequential_offload_device``
+    :param cache_full_precision_inputs: keep the full-precision inputs of a
+        layer's corrected groups from its full-precision pass (one activation
+        cache per group while the layer is calibrated) instead of recomputing
+        them with each group's replay. Results are the same either way.
+    :param resume_replays: each group's replay of the quantized stream resumes
+        where the previous one stopped: submodules that finished there (q/k/v,
+        the attention block) return their kept outputs (up to about two
+        activation caches while a layer is calibrated). Results are the same.
     :param report_errors: after calibration, ``error_report`` lists for every
         module the relative output error ``||W X - V X~|| / ||W X||`` of the
         original weight, the corrected weight and the quantized weight (costs
@@ -121,36 +178,38 @@ class QEPModifier(GPTQModifier):
     first_order_reach: Literal["next", "all"] = "next"
     stream_offload_device: str | None = "cpu"
     cache_full_precision_inputs: bool = True
+    resume_replays: bool = True
     report_errors: bool = False
 
-    _cross_terms: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(
-        default_factory=dict
-    )
-    _strengths: dict[torch.nn.Module, float] = PrivateAttr(default_factory=dict)
     _layers: list[torch.nn.Module] = PrivateAttr(default_factory=list)
-    _linear_layer: dict[torch.nn.Module, torch.nn.Module] = PrivateAttr(
+    _layer_names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
+    _targets: list[torch.nn.Module] = PrivateAttr(default_factory=list)
+    _layer_of: dict[torch.nn.Module, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _strengths: dict[torch.nn.Module, float] = PrivateAttr(default_factory=dict)
+    _calls: RecordedCalls | None = PrivateAttr(default=None)
+    _skipped: SkippedCalibration = PrivateAttr(default_factory=SkippedCalibration)
+    _outside_statistics: dict[torch.nn.Module, LinearStatistics] = PrivateAttr(
         default_factory=dict
     )
-    _capture: DualStreamCapture | None = PrivateAttr(default=None)
-    _uncorrected: list[str] = PrivateAttr(default_factory=list)
-    _full_precision_grams: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(
-        default_factory=dict
-    )
-    _error_report: list[dict] = PrivateAttr(default_factory=list)
-    _unpaired: set[torch.nn.Module] = PrivateAttr(default_factory=set)
-    _unpaired_names: list[str] = PrivateAttr(default_factory=list)
-    _uncalibrated: list[str] = PrivateAttr(default_factory=list)
-    _token_counts: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
+    # the full-precision stream: each batch's input of the next layer
+    _full_precision_stream: list[torch.Tensor] | None = PrivateAttr(default=None)
+    _last_paired_layer: int = PrivateAttr(default=-1)
+    # (batch 1 input of the last skipped layer): see _check_propagated_input
+    _skipped_input: torch.Tensor | None = PrivateAttr(default=None)
     _quantized: set[torch.nn.Module] = PrivateAttr(default_factory=set)
-    # per kind ("hessian", "cross_term"): the last inputs and their increment,
-    # for the next module fed the very same tensors (q, k and v share one input)
-    _shared_products: dict[str, tuple] = PrivateAttr(default_factory=dict)
+    _problems: dict[str, list[str]] = PrivateAttr(default_factory=dict)
+    _error_report: list[dict] = PrivateAttr(default_factory=list)
 
     @property
     def error_report(self) -> list[dict]:
         """Per module: ``name``, ``before``, ``corrected`` (None if not
         corrected) and ``quantized`` relative output errors (``report_errors``)."""
         return list(self._error_report)
+
+    @property
+    def problems(self) -> dict[str, list[str]]:
+        """Modules that did not get the full method, by reason (see ``on_finalize``)."""
+        return {reason: list(names) for reason, names in self._problems.items()}
 
     # ------------------------------------------------------------ validation
     @field_validator("propagation_strength", mode="before")
@@ -205,18 +264,24 @@ class QEPModifier(GPTQModifier):
         self._check_group_sizes()
         self._check_calibration_size(kwargs.get("calib_data"))
 
-        targets = infer_sequential_targets(
+        sequential_targets = infer_sequential_targets(
             state.model, kwargs.get("sequential_targets")
         )
-        self._layers = [
-            module for _, module in match_named_modules(state.model, targets)
-        ]
-        self._linear_layer = {}
-        for layer in self._layers:
-            for module in layer.modules():
-                if module in self._module_names:
-                    self._linear_layer[module] = layer
-
+        named_layers = list(match_named_modules(state.model, sequential_targets))
+        self._layers = [layer for _, layer in named_layers]
+        self._layer_names = {layer: name for name, layer in named_layers}
+        if any(layer in self._module_names for layer in self._layers):
+            raise ValueError(
+                f"QEPModifier needs sequential targets that contain the Linears it "
+                f"quantizes (decoder layers); sequential_targets={sequential_targets} "
+                "matches target modules themselves"
+            )
+        self._layer_of = {
+            module: layer
+            for layer in self._layers
+            for module in layer.modules()
+            if module in self._module_names
+        }
         self._strengths = {
             module: resolve_propagation_strength(name, self.propagation_strength)
             for module, name in self._module_names.items()
@@ -226,334 +291,331 @@ class QEPModifier(GPTQModifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         QuantizationMixin.start_calibration(self, state.model)
-
-        linears = [module for module in self._module_names if _quantizes_weight(module)]
-        if not linears:
+        self._targets = [module for module in self._module_names if _quantizes_weight(module)]
+        if not self._targets:
             raise ValueError(
                 "QEPModifier found no modules to quantize: check `targets`, "
                 "`ignore` and the scheme in the recipe"
             )
-        corrected = self.report_errors or any(
-            self._strengths[module] > 0 for module in linears
-        )
-        self._error_report = []
-        self._capture = DualStreamCapture(
-            layers=self._layers,
-            linear_layer=self._linear_layer,
-            on_quantized_input=self._accumulate_hessian,
-            on_input_pair=self._accumulate_cross_term,
-            offload_device=self.stream_offload_device,
-            full_precision_stream=corrected,
-            keep_layer_calls=self.true_sequential,
-            on_unpaired=self._mark_unpaired,
-            on_layer_order=self._defer_later_groups,
-            cache_full_precision=self.cache_full_precision_inputs,
-            skip_deferred_compute=self._calibration_output_unread(linears),
-        )
-        for module in linears:
-            # a pre-hook: a replay can stop before its last Linear computes
-            self.register_hook(module, self._linear_hook, "forward_pre")
+        self._error_report, self._problems, self._quantized = [], {}, set()
+        self._full_precision_stream, self._skipped_input = None, None
+        paired_layers = [
+            self._layers.index(self._layer_of[module])
+            for module in self._targets
+            if module in self._layer_of and self._needs_pairs(module)
+        ]
+        self._last_paired_layer = max(paired_layers, default=-1)
+
+        self._calls = RecordedCalls(self.stream_offload_device)
         for layer in self._layers:
-            self.register_hook(layer, self._layer_hook, "forward", with_kwargs=True)
+            self.register_hook(layer, self._calls.record, "forward_pre", with_kwargs=True)
+        outside = [module for module in self._targets if module not in self._layer_of]
+        for module in outside:
+            self.register_hook(module, self._accumulate_outside, "forward_pre")
+        if self._calibration_output_unread(outside):
+            for layer in self._layers:
+                self._skipped.install(layer)
 
     def on_sequential_epoch_end(
         self, state: State, event: Event, modules: list[torch.nn.Module], **kwargs
     ):
-        targets = [
-            module
-            for module in modules
-            if module in self._module_names
-            and module not in self._quantized
-            and is_module_quantized(module)
-            and _quantizes_weight(module)
-        ]
-        self._capture.end_calibration_pass()
-        # llm-compressor counts batches, not tokens: an expert the router never
-        # chose has samples and an all-zero Hessian, which GPTQ turns into zeros
-        # (deferred modules count their tokens in their replay)
-        calibrated = [
-            module
-            for module in targets
-            if self._token_counts.get(module, 0) > 0 or module in self._capture.deferred
-        ]
-        self._quantize_uncalibrated([m for m in targets if m not in calibrated])
-        if not calibrated:
-            return
-        # modules outside every sequential target (a quantized lm_head in the
-        # last subgraph) have no replay: their group comes last, from the
-        # calibration pass
-        outside = [m for m in calibrated if self._linear_layer.get(m) is None]
-        layers = {self._linear_layer[m] for m in calibrated if m not in outside}
-        layer = next(iter(layers)) if len(layers) == 1 else None
-        groups = [calibrated]
-        if self.true_sequential and layer is not None:
-            inside = [module for module in calibrated if module not in outside]
-            groups = self._groups(layer, inside)
-        elif self.true_sequential and len(layers) > 1:
-            if self._capture.deferred.intersection(calibrated):
-                raise RuntimeError(
-                    "QEP: true_sequential needs one sequential target per subgraph, "
-                    f"and this subgraph calibrated Linears of {len(layers)}; set "
-                    "`true_sequential: false`, or pass oneshot `sequential_targets` "
-                    "that put one target in each subgraph"
-                )
-            logger.warning(
-                "QEP: true_sequential needs one sequential target per subgraph; "
-                "quantizing these modules in one group"
+        try:
+            self._calibrate_subgraph(modules)
+        except BaseException:
+            self._skipped.remove_all()  # leave no layer computing its input only
+            raise
+
+    def _calibrate_subgraph(self, modules: list[torch.nn.Module]) -> None:
+        subgraph = plan_subgraph(modules, self._layers, self._targets, self._layer_of.get)
+        skipped = [self._skipped.remove(layer) for layer in subgraph.layers]
+        quantized_hidden = None  # layers after the first: their input, propagated here
+        for position, layer in enumerate(subgraph.layers):
+            if position == 0:
+                self._check_propagated_input(layer)
+            last = position == len(subgraph.layers) - 1
+            quantized_hidden = self._calibrate_layer(
+                layer, quantized_hidden, propagate=not last
             )
-        # the first group's statistics come from the calibration pass, unless it
-        # holds a module that pass deferred to a replay
-        replays = [
-            index > 0 or bool(self._capture.deferred.intersection(group))
-            for index, group in enumerate(groups)
-        ]
-        if groups[0] is not calibrated and outside:
-            groups.append(outside)
-            replays.append(False)
-        # a later group's full-precision replay needs the earlier groups'
-        # original weights; a group with no corrected module replays only the
-        # quantized stream
-        needs_pair = [self._needs_input_pairs(group) for group in groups]
-        original_weights: dict[torch.nn.Module, torch.Tensor] = {}
-        for index, group in enumerate(groups):
-            replayed = replays[index]
-            if replayed:
-                for module in group:
-                    self._forget_statistics(module)
-                self._capture.replay_group(
-                    layer, group, original_weights, full_precision=needs_pair[index]
-                )
-                self._clear_memos()
-            if any(needs_pair[index + 1 :]) and not self.cache_full_precision_inputs:
-                for module in group:
-                    original_weights[module] = module.weight.detach().to(
-                        self.stream_offload_device or module.weight.device, copy=True
-                    )
-            if replayed:  # the replay may route no token to a module (MoE)
-                fed = [module for module in group if self._token_counts.get(module, 0)]
-                self._quantize_uncalibrated([m for m in group if m not in fed])
-                group = fed
-            if group:
-                self._correct_and_quantize(group)
-        self._clear_memos()
-        for layer in layers:
-            if layer is not None:
-                self._capture.end_layer(layer)
+        if subgraph.layers:
+            last_layer = subgraph.layers[-1]
+            self._skipped_input = (
+                split_hidden(*self._calls.fetch(last_layer, 1))[0]
+                if skipped[-1] and self._calls.num_batches(last_layer) > 1
+                else None
+            )
+            for layer in subgraph.layers:
+                self._calls.drop(layer)
+        outside = [module for module in subgraph.outside if module not in self._quantized]
+        if outside:
+            statistics = {m: self._outside_statistics.pop(m) for m in outside if m in self._outside_statistics}
+            for module in outside:
+                if self._strengths.get(module, 0.0) > 0.0:
+                    self._note("outside", module)
+            self._quantize_group(outside, statistics)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self._skipped.remove_all()
         super().on_calibration_end(state, event, **kwargs)
-        if self._capture is not None:
-            self._capture.reset()
+        if self._calls is not None:
+            self._calls.clear()
 
     def on_finalize(self, state: State, **kwargs) -> bool:
-        if self._unpaired_names:
-            logger.warning(
-                "QEP: the full-precision and quantized streams sent different tokens to "
-                f"{len(self._unpaired_names)} module(s) (mixture-of-experts routing), "
-                "which were quantized without correction: "
-                f"{', '.join(self._unpaired_names)}. oneshot's moe_calibrate_all_experts="
-                "True (its default) feeds every expert every token and pairs them"
-            )
-        if self._uncalibrated:
-            logger.warning(
-                f"QEP: {len(self._uncalibrated)} module(s) saw no calibration token and "
-                "were rounded to nearest from their own weights (no GPTQ, no "
-                f"correction): {', '.join(self._uncalibrated)}"
-            )
-        self._unpaired, self._unpaired_names, self._uncalibrated = set(), [], []
-        self._token_counts, self._quantized = {}, set()
-        self._clear_memos()
-        if self._uncorrected:
-            logger.warning(
-                "QEP: the correction was skipped (H~ + l I stayed indefinite) for "
-                f"{len(self._uncorrected)} module(s), quantized from their original "
-                f"weights: {', '.join(self._uncorrected)}"
-            )
-        self._cross_terms = {}
-        self._full_precision_grams = {}
-        self._capture = None
-        self._uncorrected = []
+        self._warn_problems()
+        self._calls, self._full_precision_stream, self._skipped_input = None, None, None
+        self._outside_statistics, self._quantized = {}, set()
         return super().on_finalize(state, **kwargs)
 
-    # ----------------------------------------------------------------- hooks
-    def _linear_hook(self, module, args):
-        self._capture.linear_input(module, args[0])
-
-    def _layer_hook(self, module, args, kwargs, output):
-        batch_index = active_session().state.current_batch_idx
-        self._capture.layer_output(module, args, kwargs, output, batch_index)
-
-    def _accumulate_hessian(self, module: torch.nn.Module, inp: torch.Tensor):
-        tokens = inp.numel() // max(1, inp.shape[-1])
-        self._token_counts[module] = self._token_counts.get(module, 0) + tokens
-        if module not in self._num_samples:
-            self._hessians[module] = make_empty_hessian(
-                module, device=get_execution_device(module)
-            )
-            self._num_samples[module] = torch.zeros(
-                (), device=get_execution_device(module)
-            )
-        hessian, num_samples = self._hessians[module], self._num_samples[module]
-        # the toolkit's own accumulation, into zeros: 0 + P is P exactly, so
-        # adding the increment is bit for bit GPTQModifier's update
-        increment, count = self._shared_product(
-            "hessian",
-            (inp,),
-            hessian.shape,
-            lambda: accumulate_hessian(
-                inp, module, torch.zeros_like(hessian), torch.zeros_like(num_samples)
-            ),
-        )
-        hessian += increment.to(hessian.device)
-        num_samples += count.to(num_samples.device)
-
-    def _accumulate_cross_term(
+    # ----------------------------------------------------------- one layer
+    def _calibrate_layer(
         self,
-        module: torch.nn.Module,
-        full_precision_input: torch.Tensor,
-        quantized_input: torch.Tensor,
-    ):
-        if module in self._unpaired or (
-            self._strengths.get(module, 0.0) == 0.0 and not self.report_errors
-        ):
-            return
-        cross_term = _square_accumulator(self._cross_terms, module)
-        increment = self._shared_product(
-            "cross_term",
-            (full_precision_input, quantized_input),
-            cross_term.shape,
-            lambda: accumulate_cross_term(
-                full_precision_input, quantized_input, torch.zeros_like(cross_term)
-            ),
-        )
-        cross_term += increment.to(cross_term.device)
-        if self.report_errors:  # G = X X^T, normalised like H~ (in place)
-            gram = _square_accumulator(self._full_precision_grams, module)
-            accumulate_hessian(full_precision_input, module, gram, torch.zeros(()))
+        layer: torch.nn.Module,
+        quantized_hidden: list[torch.Tensor] | None,
+        propagate: bool,
+    ) -> list[torch.Tensor] | None:
+        """Plan, run, correct and quantize one layer; its quantized outputs when
+        ``propagate`` (the next layer of the same subgraph needs them)."""
+        num_batches = self._calls.num_batches(layer)
+        if num_batches == 0:
+            raise RuntimeError(
+                f"QEP: {self._layer_names[layer]} was not called during calibration"
+            )
+        linears = [module for module in self._targets if self._layer_of.get(module) is layer]
+        quantized = partial(self._batches, layer, quantized_hidden)
+        # the full-precision stream (the first layer's is its recorded input)
+        full_precision = partial(self._batches, layer, self._full_precision_stream)
+        index = self._layers.index(layer)
+        stream_needed = index < self._last_paired_layer
+        todo = [module for module in linears if module not in self._quantized]
+        with torch.no_grad(), disable_offloading():
+            if not todo:
+                self._full_precision_pass(layer, linears, full_precision, (), None, stream_needed)
+                return self._propagate(layer, linears, quantized) if propagate else None
 
-    def _mark_unpaired(self, module: torch.nn.Module):
-        """The streams fed ``module`` different tokens: drop its input pairs."""
-        self._unpaired.add(module)
-        self._cross_terms.pop(module, None)
-        self._full_precision_grams.pop(module, None)
+            with LayerPass(self, layer, linears, capture=todo) as traced:
+                traced.run(*next(quantized()))
+            plan = plan_layer(
+                traced.trace,
+                todo,
+                role=lambda module: expert_role(self._module_names[module]),
+                paired=self._needs_pairs,
+                true_sequential=self.true_sequential,
+            )
+            paired = plan.paired_modules if self.cache_full_precision_inputs else ()
+            stop = None if stream_needed else plan.full_precision_stop
+            full_precision_inputs = self._full_precision_pass(
+                layer, linears, full_precision, paired, stop, stream_needed
+            )
+            if self.cache_full_precision_inputs:
+                full_precision = None  # the layer's full-precision input is not read again
+            replay = (
+                ReplayOutputs(layer, linears, self.stream_offload_device)
+                if self.resume_replays
+                else None
+            )
+            original_weights: dict[torch.nn.Module, torch.Tensor] = {}
+            progress = tqdm(
+                total=len(plan.groups) * num_batches,
+                desc=f"QEP {self._layer_names[layer]}",
+                leave=False,
+            )
+            for number, group in enumerate(plan.groups):
+                later_paired = any(g.paired for g in plan.groups[number + 1 :])
+                statistics = self._group_statistics(
+                    layer,
+                    linears,
+                    group,
+                    quantized,
+                    full_precision,
+                    full_precision_inputs,
+                    original_weights,
+                    replay,
+                    keep_outputs=number < len(plan.groups) - 1,
+                    progress=progress,
+                )
+                if later_paired and not self.cache_full_precision_inputs:
+                    for module in group.modules:
+                        original_weights[module] = module.weight.detach().to(
+                            self.stream_offload_device or module.weight.device, copy=True
+                        )
+                self._quantize_group(list(group.modules), statistics)
+            progress.close()
+            return self._propagate(layer, linears, quantized) if propagate else None
 
-    def _defer_later_groups(self, layer: torch.nn.Module):
-        """The layer's order is known: its later groups wait for their replays."""
-        if not self.true_sequential:
-            return
-        modules = [m for m in self._capture.layer_linears(layer) if _quantizes_weight(m)]
-        groups = self._groups(layer, modules)
-        for group in groups[1:]:
-            self._capture.deferred.update(group)
-            if self._needs_input_pairs(group):
-                self._capture.cached_linears.update(group)
+    def _batches(self, layer, hidden_states: list[torch.Tensor] | None):
+        """``(batch, args, kwargs, hidden)`` of ``layer``'s recorded calls, with
+        ``hidden_states[batch]`` as the hidden state (``None``: the recorded one)."""
+        for batch in range(self._calls.num_batches(layer)):
+            args, kwargs = self._calls.fetch(layer, batch)
+            hidden = None
+            if hidden_states is not None:
+                hidden = hidden_states[batch].to(split_hidden(args, kwargs)[0].device)
+            yield batch, args, kwargs, hidden
 
-    def _calibration_output_unread(self, linears: list[torch.nn.Module]) -> bool:
-        """Whether nothing but QEP's own hooks reads a layer's calibration pass
-        past its first group, so later groups' Linears may skip computing there.
+    def _full_precision_pass(
+        self, layer, linears, batches, capture, stop, stream_needed
+    ) -> list[dict[torch.nn.Module, list[torch.Tensor]]]:
+        """Run ``layer`` on the full-precision stream with its original weights:
+        the inputs of ``capture`` per batch, and the next layer's full-precision
+        input when ``stream_needed``."""
+        if not capture and not stream_needed:
+            self._full_precision_stream = None
+            return []
+        captured, stream = [], []
+        with LayerPass(
+            self,
+            layer,
+            linears,
+            capture=capture,
+            stop=None if stream_needed else stop,
+            offload_device=self.stream_offload_device,
+        ) as full_precision:
+            for batch, args, kwargs, hidden in batches():
+                inputs, output = full_precision.run(batch, args, kwargs, hidden)
+                captured.append(inputs)
+                if stream_needed:
+                    hidden_out = first_tensor(output)
+                    stream.append(hidden_out.to(self.stream_offload_device or hidden_out.device))
+        self._full_precision_stream = stream if stream_needed else None
+        return captured
 
-        Not when another modifier of the recipe calibrates in the same pass, nor
-        when a quantized module lies outside every sequential target (a
-        quantized ``lm_head`` reads the last layer's calibration output).
+    def _group_statistics(
+        self,
+        layer,
+        linears,
+        group: Group,
+        quantized_batches,
+        full_precision_batches,
+        full_precision_inputs,
+        original_weights,
+        replay,
+        keep_outputs: bool,
+        progress,
+    ) -> dict[torch.nn.Module, LinearStatistics]:
+        """The group's statistics over every batch: its quantized-stream inputs
+        from a replay, paired with its full-precision inputs."""
+        statistics = {
+            module: LinearStatistics.empty(
+                module,
+                get_execution_device(module),
+                cross_term=group.paired
+                and (self._strengths.get(module, 0.0) > 0.0 or self.report_errors),
+                full_precision_gram=group.paired and self.report_errors,
+            )
+            for module in group.modules
+        }
+        final = [module for module in linears if module in self._quantized]
+        with contextlib.ExitStack() as stack:
+            quantized = stack.enter_context(
+                LayerPass(
+                    self,
+                    layer,
+                    linears,
+                    capture=group.modules,
+                    stop=group.stop,
+                    replay=replay,
+                    final=final,
+                    keep_outputs=keep_outputs,
+                )
+            )
+            replayed_full_precision = None
+            if group.paired and not self.cache_full_precision_inputs:
+                replayed_full_precision = stack.enter_context(
+                    LayerPass(
+                        self,
+                        layer,
+                        linears,
+                        capture=group.modules,
+                        stop=group.stop,
+                        weights={m: w for m, w in original_weights.items()},
+                    )
+                )
+            full_precision_calls = full_precision_batches() if full_precision_batches else None
+            for batch, args, kwargs, hidden in quantized_batches():
+                captured, _ = quantized.run(batch, args, kwargs, hidden)
+                full_precision = None
+                if replayed_full_precision is not None:
+                    inputs, _ = replayed_full_precision.run(*next(full_precision_calls))
+                    full_precision = group.inputs(inputs)
+                elif group.paired and full_precision_inputs:
+                    full_precision = group.inputs(full_precision_inputs[batch])
+                accumulate_batch(statistics, group.inputs(captured), full_precision)
+                progress.update(1)
+        return statistics
+
+    def _propagate(self, layer, linears, batches) -> list[torch.Tensor]:
+        """The quantized layer's output for each batch (the next layer's input)."""
+        outputs = []
+        with LayerPass(self, layer, linears) as plain:
+            for batch, args, kwargs, hidden in batches():
+                _, output = plain.run(batch, args, kwargs, hidden)
+                hidden_out = first_tensor(output)
+                outputs.append(hidden_out.to(self.stream_offload_device or hidden_out.device))
+        return outputs
+
+    def _check_propagated_input(self, layer: torch.nn.Module) -> None:
+        """Refuse ``propagate_error=False``: the pipeline then feeds each layer the
+        calibration pass's output, computed before quantization.
+
+        Seen two ways: the quantized stream equals the full-precision one bit for
+        bit although modules before were quantized (the first batch, which every
+        layer computes for real), or a batch of a layer that computed only its
+        first batch comes back unchanged as the next layer's input.
         """
-        if not self.true_sequential:
-            return False
-        if any(module not in self._linear_layer for module in linears):
-            return False
-        recipe = getattr(active_session().lifecycle, "recipe", None)
-        modifiers = getattr(recipe, "modifiers", None) or []
-        return all(modifier is self for modifier in modifiers)
-
-    def _shared_product(self, kind: str, inputs: tuple, shape: torch.Size, compute):
-        """``compute()``, reused while the next module of ``kind`` is fed the very
-        same tensors (not written in place since) into an accumulator of ``shape``."""
-        signature = (tuple(tensor._version for tensor in inputs), shape)
-        memo = self._shared_products.get(kind)
-        if (
-            memo is None
-            or memo[1] != signature
-            or any(kept is not tensor for kept, tensor in zip(memo[0], inputs))
-        ):
-            memo = self._shared_products[kind] = (inputs, signature, compute())
-        return memo[2]
-
-    def _clear_memos(self):
-        self._shared_products.clear()
+        if self._calls.num_batches(layer) == 0:
+            return
+        hidden, _, _ = split_hidden(*self._calls.fetch(layer, 0))
+        stream = self._full_precision_stream
+        same_as_full_precision = (
+            self._quantized
+            and stream
+            and stream[0].shape == hidden.shape
+            and torch.equal(stream[0].to(hidden.device), hidden)
+        )
+        same_as_skipped = False
+        if self._skipped_input is not None and self._calls.num_batches(layer) > 1:
+            second, _, _ = split_hidden(*self._calls.fetch(layer, 1))
+            same_as_skipped = second.shape == self._skipped_input.shape and torch.equal(
+                second, self._skipped_input.to(second.device)
+            )
+        if same_as_full_precision or same_as_skipped:
+            raise RuntimeError(
+                "QEP needs oneshot's propagate_error=True (its default): with "
+                "propagate_error=False each layer is fed the previous layer's output "
+                "before quantization, so there is no quantized stream to correct for"
+            )
 
     # ----------------------------------------------------------- quantizing
-    def _groups(
-        self, layer: torch.nn.Module, calibrated: list[torch.nn.Module]
-    ) -> list[list[torch.nn.Module]]:
-        wanted = set(calibrated)
-        groups = [
-            [module for module in group if module in wanted]
-            for group in self._capture.groups(layer)
-        ]
-        groups = self._merge_expert_groups([group for group in groups if group])
-        grouped = {module for group in groups for module in group}
-        rest = [module for module in calibrated if module not in grouped]
-        return groups + ([rest] if rest else [])
-
-    def _merge_expert_groups(
-        self, groups: list[list[torch.nn.Module]]
-    ) -> list[list[torch.nn.Module]]:
-        """One group per expert role (all experts' up projections, all downs, ...).
-
-        Experts run one after another, so their Linears fall into one group per
-        expert and role, and each group would cost a replay. A group whose
-        modules are, up to the expert index, all in one earlier group joins it:
-        expert ``e``'s inputs depend only on its own earlier Linears and on what
-        came before the experts, all of which that earlier group follows.
-        """
-        merged: list[list[torch.nn.Module]] = []
-        role_group: dict[str, int] = {}
-        for group in groups:
-            roles = {_expert_role(self._module_names[module]) for module in group}
-            targets = {role_group.get(role) for role in roles}
-            if len(targets) == 1 and None not in targets:
-                merged[targets.pop()].extend(group)
-                continue
-            for role in roles:
-                role_group.setdefault(role, len(merged))
-            merged.append(list(group))
-        return merged
-
-    def _needs_input_pairs(self, group: list[torch.nn.Module]) -> bool:
-        """Whether ``group`` needs the full-precision stream (X beside X~)."""
-        return self.report_errors or any(
-            self._strengths.get(module, 0.0) > 0 for module in group
-        )
-
-    def _forget_statistics(self, module: torch.nn.Module):
-        self._hessians.pop(module, None)
-        self._num_samples.pop(module, None)
-        self._cross_terms.pop(module, None)
-        self._full_precision_grams.pop(module, None)
-        self._unpaired.discard(module)
-        self._token_counts.pop(module, None)
-
-    def _correct_and_quantize(self, group: list[torch.nn.Module]):
-        """Correct, observe and quantize ``group``."""
+    def _quantize_group(
+        self,
+        modules: Sequence[torch.nn.Module],
+        statistics: Mapping[torch.nn.Module, LinearStatistics],
+    ) -> None:
+        """Correct, observe and quantize ``modules``; round to nearest those that
+        saw no token."""
+        modules = [m for m in modules if m not in self._quantized]
+        fed = [m for m in modules if m in statistics and statistics[m].tokens > 0]
+        self._round_to_nearest([m for m in modules if m not in fed], reason="uncalibrated")
+        if not fed:
+            return
         with torch.no_grad(), disable_offloading():
             report = {}
-            for module in group:
-                if (statistics := self._report_statistics(module)) is not None:
-                    report[module] = statistics
-            for module in group:
-                self._apply_correction(module)
+            for module in fed:
+                stats = statistics[module]
+                if stats.full_precision_gram is not None:
+                    report[module] = (module.weight.detach().clone(), *stats.normalised())
+            for module in fed:
+                self._apply_correction(module, statistics[module])
             corrected = {module: module.weight.detach().clone() for module in report}
-            observe(group, base_name="weight")
-            self.sync_obs_act_stats(group)
-            update_qparams(group, ACTIVATION_OBS, only_update_onload=not is_src())
+            observe(fed, base_name="weight")
+            self.sync_obs_act_stats(fed)
+            update_qparams(fed, ACTIVATION_OBS, only_update_onload=not is_src())
             if self.base == "rtn":
-                self._round_to_nearest(group)
+                self._round_to_nearest(fed)
             else:
-                self.compress_module_list(group)
-            for module, (weight, gram, cross_term, hessian) in report.items():
+                self.compress_module_list(fed, statistics)
+            for module, (weight, hessian, cross_term, gram) in report.items():
                 errors = {
-                    label: relative_output_error(
-                        weight, candidate, gram, cross_term, hessian
-                    )
+                    label: relative_output_error(weight, candidate, gram, cross_term, hessian)
                     for label, candidate in (
                         ("before", weight),
                         ("corrected", corrected[module]),
@@ -562,51 +624,44 @@ class QEPModifier(GPTQModifier):
                 }
                 if self._strengths.get(module, 0.0) == 0.0:
                     errors["corrected"] = None
-                name = self._module_names[module]
-                self._error_report.append({"name": name, **errors})
+                self._error_report.append({"name": self._module_names[module], **errors})
 
-    def _report_statistics(self, module: torch.nn.Module):
-        """Original weight and normalised G, C, H~ for the error report."""
-        gram = self._full_precision_grams.pop(module, None)
-        if gram is None or module not in self._cross_terms:
-            return None
-        num_samples = self._num_samples[module]
-        return (
-            module.weight.detach().clone(),
-            gram / num_samples,
-            self._cross_terms[module] / num_samples,
-            self._hessians[module] / num_samples,
-        )
-
-    def _apply_correction(self, module: torch.nn.Module):
-        cross_term = self._cross_terms.pop(module, None)
+    def _apply_correction(self, module: torch.nn.Module, stats: LinearStatistics) -> None:
         strength = self._strengths.get(module, 0.0)
-        if module in self._unpaired:
-            if strength > 0.0:
-                self._unpaired_names.append(self._module_names[module])
-            self._unpaired.discard(module)
+        if strength == 0.0:
             return
-        if cross_term is None or strength == 0.0:
+        if not stats.paired:
+            self._note("unpaired", module)
             return
-        num_samples = self._num_samples[module]
-        hessian = self._hessians[module] / num_samples
+        if stats.cross_term is None:
+            return
+        hessian, cross_term, _ = stats.normalised()
         try:
             weight, _ = corrected_weight(
                 module.weight,
-                cross_term / num_samples,
+                cross_term,
                 hessian,
                 propagation_strength=strength,
                 correction_damping=self.correction_damping,
             )
         except CorrectionFailed as failure:
-            name = self._module_names[module]
-            logger.warning(f"QEP: {name} left uncorrected: {failure}")
-            self._uncorrected.append(name)
+            logger.debug(f"QEP: {self._module_names[module]} left uncorrected: {failure}")
+            self._note("uncorrected", module)
             return
         update_offload_parameter(module, "weight", weight)
 
-    def compress_module_list(self, module_list):
-        """The GPTQ sweep on each module, with FOEM's term when ``beta > 0``."""
+    def compress_module_list(self, module_list, statistics=None):
+        """The GPTQ sweep on each module, with FOEM's term when ``beta > 0``.
+
+        Forked from llm-compressor 0.14.0.1 ``GPTQModifier.compress_module_list``.
+        Differs in: the Hessians and sample counts come from ``statistics``
+        (:class:`~qep_modifier.statistics.LinearStatistics`, never the
+        modifier's private ``_hessians`` / ``_num_samples``); the sweep is
+        :func:`~qep_modifier.gptq_sweep.quantize_weight_first_order` when
+        ``first_order_strength > 0`` (with 0, the toolkit's ``quantize_weight``
+        as upstream); round-to-nearest fallbacks go to the summary of
+        :meth:`on_finalize`.
+        """
         sweep = quantize_weight
         if self.first_order_strength > 0:
             sweep = partial(
@@ -614,16 +669,17 @@ class QEPModifier(GPTQModifier):
                 first_order_strength=self.first_order_strength,
                 first_order_reach=self.first_order_reach,
             )
-        for batch in assign_batches(
-            module_list, self.batched_quantization, self.block_size
-        ):
+        for batch in assign_batches(module_list, self.batched_quantization, self.block_size):
             quant_args = getattr_chain(batch[0], "quantization_scheme.weights")
             qparams = [module.weight_observer.get_qparams() for module in batch]
             names = [self._module_names[module] for module in batch]
             logger.info(f"QEP: quantizing {names}")
             with contextlib.ExitStack() as loggers:
                 weights, hessians, scales, zero_points, global_scales = prepare_batch(
-                    batch, qparams, self._hessians, self._num_samples
+                    batch,
+                    qparams,
+                    {module: statistics[module].hessian for module in batch},
+                    {module: statistics[module].num_samples for module in batch},
                 )
                 metric_loggers = [
                     loggers.enter_context(CompressionLogger(module)) for module in batch
@@ -641,53 +697,91 @@ class QEPModifier(GPTQModifier):
                 for index, metric_logger in enumerate(metric_loggers):
                     metric_logger.set_results(name="QEP", loss=losses[index].item())
                     if fell_back[index].item():
-                        self._rtn_fallback_module_names.append(names[index])
+                        self._note("rtn_fallback", batch[index])
             update_batch_qparams(
                 batch, quantized, scales, zero_points, global_scales, quant_args
             )
             self._quantized.update(batch)
-            self._num_compressed_modules += len(batch)
 
-    def _quantize_uncalibrated(self, modules: list[torch.nn.Module]):
-        """Round to nearest the modules that saw no token (e.g. unrouted experts).
-
-        llm-compressor's GPTQ would divide an all-zero Hessian by zero samples;
-        the observer's scales on the module's own weight are all there is.
-        """
+    def _round_to_nearest(self, modules: list[torch.nn.Module], reason: str | None = None):
+        """Round ``modules`` to their observer's grid (``base: rtn``; with a
+        ``reason``, modules without statistics: their observer is run here)."""
         if not modules:
             return
         with torch.no_grad(), disable_offloading():
+            if reason is not None:
+                observe(modules, base_name="weight")
+                update_qparams(modules, ACTIVATION_OBS, only_update_onload=not is_src())
             for module in modules:
-                self._forget_statistics(module)
-            observe(modules, base_name="weight")
-            update_qparams(modules, ACTIVATION_OBS, only_update_onload=not is_src())
-            self._round_to_nearest(modules)
-        self._uncalibrated.extend(self._module_names[module] for module in modules)
+                quant_args = getattr_chain(module, "quantization_scheme.weights")
+                qparams = module.weight_observer.get_qparams()
+                quantized = fake_quantize(
+                    module.weight,
+                    qparams["scale"],
+                    qparams["zero_point"],
+                    quant_args,
+                    global_scale=qparams.get("global_scale"),
+                )
+                update_offload_parameter(module, "weight", quantized)
+                update_offload_parameter(
+                    module, "weight_scale", qparams["scale"].to(module.weight.dtype)
+                )
+                update_offload_parameter(
+                    module,
+                    "weight_zero_point",
+                    qparams["zero_point"].to(quant_args.zp_dtype),
+                )
+                self._quantized.add(module)
+                if reason is not None:
+                    self._note(reason, module)
 
-    def _round_to_nearest(self, group: list[torch.nn.Module]):
-        for module in group:
-            quant_args = getattr_chain(module, "quantization_scheme.weights")
-            qparams = module.weight_observer.get_qparams()
-            quantized = fake_quantize(
-                module.weight,
-                qparams["scale"],
-                qparams["zero_point"],
-                quant_args,
-                global_scale=qparams.get("global_scale"),
+    # ----------------------------------------------------------------- hooks
+    def _accumulate_outside(self, module: torch.nn.Module, args: tuple) -> None:
+        """Calibration-pass pre-hook of a target outside the layers (``lm_head``)."""
+        if module not in self._outside_statistics:
+            self._outside_statistics[module] = LinearStatistics.empty(
+                module, get_execution_device(module)
             )
-            update_offload_parameter(module, "weight", quantized)
-            update_offload_parameter(
-                module, "weight_scale", qparams["scale"].to(module.weight.dtype)
-            )
-            update_offload_parameter(
-                module,
-                "weight_zero_point",
-                qparams["zero_point"].to(quant_args.zp_dtype),
-            )
-            self._hessians.pop(module, None)
-            self._num_samples.pop(module, None)
-            self._num_compressed_modules += 1
-            self._quantized.add(module)
+        accumulate_batch({module: self._outside_statistics[module]}, {module: [args[0]]})
+
+    # --------------------------------------------------------------- helpers
+    def _needs_pairs(self, module: torch.nn.Module) -> bool:
+        """Whether ``module`` needs the full-precision stream beside ``X~``."""
+        return self.report_errors or self._strengths.get(module, 0.0) > 0
+
+    def _note(self, reason: str, module: torch.nn.Module) -> None:
+        names = self._problems.setdefault(reason, [])
+        name = self._module_names[module]
+        if name not in names:
+            names.append(name)
+
+    def _warn_problems(self) -> None:
+        """One warning: which modules did not get the full method, and why."""
+        if not self._problems:
+            return
+        lines = []
+        for reason, names in self._problems.items():
+            shown = ", ".join(names[:10])
+            if len(names) > 10:
+                shown += f" and {len(names) - 10} more (all at DEBUG level)"
+                logger.debug(f"QEP: {reason}: " + ", ".join(names))
+            lines.append(f"- {len(names)} module(s): {_PROBLEMS[reason]}: {shown}")
+        logger.warning("QEP: not every module got the full method:\n" + "\n".join(lines))
+
+    def _calibration_output_unread(self, outside: list[torch.nn.Module]) -> bool:
+        """Whether nothing but QEP reads the pipeline's calibration pass, so that
+        the layers may compute only its first batch (QEP records the calls and
+        runs the layers itself; the pipeline throws that pass's output away).
+
+        Not when another modifier of the recipe calibrates in the same pass, when
+        a quantized module lies outside every layer (a quantized ``lm_head``
+        reads the last layer's calibration output), or with a KV-cache scheme.
+        """
+        if outside or getattr(self, "kv_cache_scheme", None) is not None:
+            return False
+        recipe = getattr(active_session().lifecycle, "recipe", None)
+        modifiers = getattr(recipe, "modifiers", None) or []
+        return all(modifier is self for modifier in modifiers)
 
     # ------------------------------------------------------------ checks
     def _check_weight_only_int(self):
@@ -786,23 +880,3 @@ def _quantizes_weight(module: torch.nn.Module) -> bool:
     return getattr_chain(
         module, "quantization_scheme.weights", None
     ) is not None and not isinstance(module, torch.nn.Embedding)
-
-
-_EXPERT_INDEX = re.compile(r"(experts?)\.\d+\.")
-
-
-def _expert_role(name: str) -> str:
-    """``...mlp.experts.7.down_proj`` -> ``...mlp.experts.*.down_proj``."""
-    return _EXPERT_INDEX.sub(r"\1.*.", name)
-
-
-def _square_accumulator(
-    accumulators: dict[torch.nn.Module, torch.Tensor], module: torch.nn.Module
-) -> torch.Tensor:
-    """The module's float32 ``d_in x d_in`` accumulator, zeros on first use."""
-    if module not in accumulators:
-        width = module.weight.shape[1]
-        accumulators[module] = torch.zeros(
-            (width, width), dtype=torch.float32, device=get_execution_device(module)
-        )
-    return accumulators[module]

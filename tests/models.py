@@ -12,6 +12,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 VOCAB_SIZE = 256
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:

@@ -5,12 +5,12 @@ import torch
 from datasets import Dataset
 
 from qep_modifier import QEPModifier
-from helpers import group_scheme, load_model, logits, quantize, quantized_linears, save_tiny_llama, token_dataset
+from tests.models import group_scheme, load_model, logits, quantize, quantized_linears, save_tiny_llama, token_dataset
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", num_hidden_layers=2)
+@pytest.fixture
+def model_dir(two_layer_llama):
+    return two_layer_llama
 
 
 def _recipe(**fields):

@@ -6,23 +6,14 @@ import re
 import pytest
 import torch
 from llmcompressor.modeling.moe.linearize import linearize_moe
-from loguru import logger
 from transformers import AutoModelForCausalLM
 
 from qep_modifier import QEPModifier
 from qep_modifier.correction import resolve_propagation_strength
 from qep_modifier.modifier import DEFAULT_PROPAGATION_STRENGTH
-from helpers import group_scheme, quantize, quantized_linears, save_tiny_qwen3_moe, token_dataset
+from tests.models import group_scheme, quantize, quantized_linears, save_tiny_qwen3_moe, token_dataset
 
 EXPERT = re.compile(r"model\.layers\.(\d)\.mlp\.experts\.(\d)\.(gate|up|down)_proj$")
-
-
-@pytest.fixture
-def warnings():
-    messages = []
-    handle = logger.add(lambda message: messages.append(str(message)), level="WARNING")
-    yield messages
-    logger.remove(handle)
 
 
 def _recipe(**fields):
@@ -66,9 +57,9 @@ def test_experts_in_one_group_per_role(tmp_path):
     seen_groups = []
 
     class Recording(QEPModifier):
-        def _correct_and_quantize(self, group):
-            seen_groups.append([self._module_names[module] for module in group])
-            super()._correct_and_quantize(group)
+        def _quantize_group(self, modules, statistics):
+            seen_groups.append([self._module_names[module] for module in modules])
+            super()._quantize_group(modules, statistics)
 
     model_dir = save_tiny_qwen3_moe(tmp_path / "moe")
     quantize(
@@ -89,8 +80,9 @@ def test_experts_in_one_group_per_role(tmp_path):
 
 def test_unrouted_experts_fall_back_to_round_to_nearest(tmp_path, warnings):
     model_dir = save_tiny_qwen3_moe(tmp_path / "moe", unrouted_experts=True)
+    recipe = _recipe()
     quantized = quantized_linears(
-        quantize(model_dir, _recipe(), token_dataset(4, 16, seed=1), moe_calibrate_all_experts=False)
+        quantize(model_dir, recipe, token_dataset(4, 16, seed=1), moe_calibrate_all_experts=False)
     )
     unquantized = linearize_moe(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
     original = {
@@ -104,6 +96,12 @@ def test_unrouted_experts_fall_back_to_round_to_nearest(tmp_path, warnings):
         # round to nearest of the module's own weight: the error is at most half a step
         scale = weights["weight_scale"].repeat_interleave(32, dim=1)
         assert ((weights["weight"] - original[name]).abs() <= scale / 2 + 1e-6).all(), name
-    message = next(m for m in warnings if "saw no calibration token" in m)
-    assert all(name in message for name in unrouted)
-    assert "experts.0." not in message and "experts.1." not in message
+    assert sorted(recipe.problems["uncalibrated"]) == sorted(unrouted)
+    # one summary at the end names the reason and the count (the first names too)
+    (message,) = [m for m in warnings if "QEP" in m]
+    (line,) = [line for line in message.splitlines() if "saw no calibration token" in line]
+    assert line.startswith("- 12 module(s)") and "model.layers.0.mlp.experts.2.gate_proj" in line
+    assert "experts.0." not in line and "experts.1." not in line
+    # experts 0 and 1 saw tokens, but the quantized attention routed the two
+    # streams differently: those are quantized without correction
+    assert set(recipe.problems["unpaired"]) >= {"model.layers.0.mlp.experts.0.gate_proj"}

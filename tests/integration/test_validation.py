@@ -5,7 +5,7 @@ import torch
 from pydantic import ValidationError
 
 from qep_modifier import FOEMModifier, QEPModifier
-from helpers import group_scheme, load_model, quantize, save_tiny_llama, token_dataset
+from tests.models import group_scheme, load_model, quantize, save_tiny_llama, token_dataset
 
 
 @pytest.mark.parametrize(
@@ -37,9 +37,9 @@ def test_foem_alias_defaults():
     assert foem.first_order_reach == "next"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", num_hidden_layers=1)
+@pytest.fixture
+def model_dir(one_layer_llama):
+    return one_layer_llama
 
 
 @pytest.mark.parametrize(

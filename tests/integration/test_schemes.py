@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qep_modifier import QEPModifier
-from helpers import group_scheme, load_model, logits, quantize, save_tiny_llama, token_dataset
+from tests.models import group_scheme, load_model, logits, quantize, save_tiny_llama, token_dataset
 
 SCHEMES = {
     "W4A16": dict(scheme="W4A16"),
@@ -21,9 +21,9 @@ SCHEMES = {
 BITS = {"W4A16": 4, "W4A16_ASYM": 4, "W3A16": 3, "W2A16": 2}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", num_hidden_layers=1)
+@pytest.fixture
+def model_dir(one_layer_llama):
+    return one_layer_llama
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -44,7 +44,7 @@ def test_scheme_saves_pack_quantized_and_reloads(model_dir, tmp_path, name):
 def test_tied_embeddings_stay_full_precision_when_lm_head_is_quantized(tmp_path):
     # SmolLM2 ties lm_head to the embedding; quantizing lm_head must not
     # quantize (or correct) the embedding through the shared weight
-    from helpers import load_model, quantize, save_tiny_llama, token_dataset
+    from tests.models import load_model, quantize, save_tiny_llama, token_dataset
 
     model_dir = save_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
     original = load_model(model_dir).model.embed_tokens.weight.detach().clone()

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import VOCAB_SIZE, save_tiny_llama
+from tests.models import VOCAB_SIZE, save_tiny_llama
 from qep_modifier import demo
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.models import REPO
 
 
 def test_bundled_text_is_there_and_long_enough():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import group_scheme, quantize, save_tiny_llama, token_dataset
+from tests.models import group_scheme, quantize, save_tiny_llama, token_dataset
 from qep_modifier import QEPModifier, vllm_check
 from qep_modifier.vllm_check import (
     compare_specs,
@@ -24,7 +24,7 @@ from qep_modifier.vllm_check import (
     read_checkpoint_spec,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.models import REPO
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 SPEC = {

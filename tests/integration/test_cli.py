@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import VOCAB_SIZE, save_tiny_llama
+from tests.models import VOCAB_SIZE, save_tiny_llama
 from qep_modifier import cli
 from qep_modifier.cli import eval_main, format_report, oneshot_main, resolve_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.models import REPO
 RECIPE = REPO / "recipes" / "w4a16_qep_gptq.yaml"
 NUM_LINEARS = 21  # 3 layers x (q, k, v, o, gate, up, down)
 

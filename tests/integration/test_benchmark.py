@@ -5,9 +5,9 @@ import importlib.util
 import math
 from pathlib import Path
 
-from helpers import save_tiny_llama
+from tests.models import save_tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.models import REPO
 
 
 def _harness():

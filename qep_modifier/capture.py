@@ -1,0 +1,432 @@
+"""Stream capture: record a layer's calls, then run it again with QEP's hooks only.
+
+llm-compressor's sequential pipeline feeds each decoder layer (sequential
+target) the *quantized* stream ``X~``: the outputs of the layers before it,
+already quantized. QEP needs more than that one pass gives, so it works the
+way the toolkit's own AWQ does: a forward pre-hook records each calibration
+batch's call of the layer (its arguments, offloaded like the pipeline's
+activations, :class:`RecordedCalls`), and at the end of the subgraph the
+modifier runs the layer itself, as often as the method needs
+(:class:`LayerPass`): on the full-precision stream, and, group by group, on the
+quantized stream up to where a group's inputs are seen. Every such forward runs
+with every other hook silenced (``HooksMixin.disable_hooks(keep=...)``), so no
+other modifier of the recipe sees a stream twice, and temporary swaps of
+``forward`` go through ``compressed_tensors.utils.patch_attr``.
+
+When nothing but QEP reads the pipeline's calibration pass (the pipeline
+throws its output away and recomputes it after quantization),
+:class:`SkippedCalibration` lets a layer compute only its first calibration
+batch there; later batches return their input in the first output's place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Any
+
+import torch
+from compressed_tensors.offload.utils import send_tensors
+from compressed_tensors.utils import patch_attr
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+from llmcompressor.pipelines.cache import IntermediatesCache
+
+from qep_modifier.plan import CallRef, TraceCall
+
+__all__ = [
+    "LayerPass",
+    "RecordedCalls",
+    "ReplayOutputs",
+    "SkippedCalibration",
+    "first_tensor",
+    "replace_hidden",
+    "split_hidden",
+]
+
+
+class RecordedCalls:
+    """Each calibration batch's call of each sequential target, in batch order.
+
+    :meth:`record` is the body of a forward pre-hook (``with_kwargs=True``) on
+    each layer; calls are offloaded to ``offload_device`` (``None``: kept where
+    they are) in an ``IntermediatesCache``, which stores a tensor shared by
+    several calls (masks, position embeddings) once.
+    """
+
+    def __init__(self, offload_device: torch.device | str | None):
+        self.offload_device = offload_device
+        self._calls: dict[torch.nn.Module, IntermediatesCache] = {}
+
+    def record(self, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if layer not in self._calls:
+            self._calls[layer] = IntermediatesCache(None, self.offload_device)
+        self._calls[layer].append({"args": tuple(args), "kwargs": dict(kwargs)})
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def num_batches(self, layer: torch.nn.Module) -> int:
+        return len(self._calls.get(layer, ()))
+
+    def fetch(self, layer: torch.nn.Module, batch: int) -> tuple[tuple, dict]:
+        """Batch ``batch``'s call of ``layer``, onloaded where it was made."""
+        call = self._calls[layer].fetch(batch)
+        return call["args"], call["kwargs"]
+
+    def drop(self, layer: torch.nn.Module) -> None:
+        self._calls.pop(layer, None)
+
+    def clear(self) -> None:
+        self._calls.clear()
+
+
+class SkippedCalibration:
+    """Layers that compute only their first batch in the pipeline's calibration pass.
+
+    The first call runs the real forward (its output shows the structure to
+    return); later calls return their input hidden state in the hidden state's
+    place. Only for layers whose calibration output nobody reads.
+    """
+
+    def __init__(self):
+        self._patches: dict[torch.nn.Module, contextlib.ExitStack] = {}
+
+    def install(self, layer: torch.nn.Module) -> None:
+        first_output: list[Any] = []
+        stack = contextlib.ExitStack()
+        stack.enter_context(
+            patch_attr(
+                layer,
+                "forward",
+                functools.partial(_first_batch_only, layer.forward, first_output),
+            )
+        )
+        self._patches[layer] = stack
+
+    def remove(self, layer: torch.nn.Module) -> bool:
+        """Restore ``layer``'s forward; whether it was skipping."""
+        stack = self._patches.pop(layer, None)
+        if stack is not None:
+            stack.close()
+        return stack is not None
+
+    def remove_all(self) -> None:
+        for layer in list(self._patches):
+            self.remove(layer)
+
+
+def _first_batch_only(forward: Callable, first_output: list, *args, **kwargs):
+    if not first_output:
+        output = forward(*args, **kwargs)
+        first_output.append(output)
+        return output
+    hidden, _, _ = split_hidden(args, kwargs)
+    template = first_output[0]
+    if isinstance(template, torch.Tensor):
+        return hidden
+    if isinstance(template, tuple):
+        return (hidden, *template[1:])
+    return forward(*args, **kwargs)  # an output structure we cannot fill in
+
+
+class _Stop(Exception):
+    """Raised from a pre-hook: the pass has what it needs from this forward."""
+
+
+class ReplayOutputs:
+    """Submodule outputs kept from one quantized-stream replay for the next.
+
+    A replay for a later group may resume where the previous one stopped:
+    every submodule of the layer that finished before that stop, and that ran
+    only Linears already quantized (``final``), would compute the same output
+    again. Kept per batch: the outermost such modules that contain a target
+    Linear (q/k/v while o is calibrated; the whole attention block while the
+    MLP is). A kept output written in place after it was kept is dropped (it
+    is recomputed instead).
+    """
+
+    def __init__(
+        self,
+        layer: torch.nn.Module,
+        targets: Collection[torch.nn.Module],
+        offload_device: torch.device | str | None,
+    ):
+        targets = set(targets)
+        names = {module: name for name, module in layer.named_modules()}
+        self.candidates = [
+            module
+            for module in layer.modules()
+            if module is not layer and any(m in targets for m in module.modules())
+        ]
+        candidate_names = {names[module] for module in self.candidates}
+        self._ancestors = {
+            module: {
+                prefix
+                for prefix in _prefixes(names[module])
+                if prefix in candidate_names
+            }
+            for module in self.candidates
+        }
+        self._names = names
+        self.offload_device = offload_device
+        # batch -> module -> [(output, versions)] per call, in call order
+        self.kept: dict[int, dict[torch.nn.Module, list[tuple[Any, list[int]]]]] = {}
+
+    def outermost(self, outputs: Mapping[torch.nn.Module, list]) -> dict:
+        """The entries of ``outputs`` no ancestor of which is there too."""
+        present = {self._names[module] for module in outputs}
+        return {
+            module: entries
+            for module, entries in outputs.items()
+            if not self._ancestors[module] & present
+        }
+
+
+class LayerPass:
+    """Run a layer on recorded batches with QEP's own hooks only.
+
+    :param owner: the modifier whose ``register_hook`` registers the pass's hooks
+    :param layer: the sequential target to run
+    :param linears: the layer's target Linears
+    :param capture: Linears whose inputs are captured, call by call (private
+        copies on ``offload_device``; one copy for calls fed the same tensor)
+    :param stop: end each forward at this call's pre-hook (after capturing it)
+    :param offload_device: where captured inputs go (``None``: stay put)
+    :param weights: Linears that compute with these weights instead of their
+        own (the full-precision stream through already quantized groups)
+    :param replay: kept submodule outputs to resume from (quantized stream)
+    :param final: the Linears already quantized (with ``replay``)
+    :param keep_outputs: record this pass's finished submodules into ``replay``
+        for the next one
+    """
+
+    def __init__(
+        self,
+        owner: HooksMixin,
+        layer: torch.nn.Module,
+        linears: Collection[torch.nn.Module],
+        *,
+        capture: Collection[torch.nn.Module] = (),
+        stop: CallRef | None = None,
+        offload_device: torch.device | str | None = None,
+        weights: Mapping[torch.nn.Module, torch.Tensor] | None = None,
+        replay: ReplayOutputs | None = None,
+        final: Collection[torch.nn.Module] = (),
+        keep_outputs: bool = False,
+    ):
+        self.owner, self.layer = owner, layer
+        self.linears = list(linears)
+        self.capture = set(capture)
+        self.stop = stop
+        self.offload_device = offload_device
+        self.weights = dict(weights or {})
+        self.replay = replay
+        self.final = set(final)
+        self.keep_outputs = keep_outputs and replay is not None
+        self._handles: set = set()
+        # per forward
+        self.batch = -1
+        self.trace: list[TraceCall] = []
+        self._captured: dict[torch.nn.Module, list[torch.Tensor]] = {}
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._call_counts: dict[torch.nn.Module, int] = {}
+        self._unfinished_linears = 0
+        self._open: list[tuple[torch.nn.Module, int]] = []
+        self._finished: dict[torch.nn.Module, list[tuple[Any, list[int]]]] = {}
+
+    # ------------------------------------------------------------- context
+    def __enter__(self) -> "LayerPass":
+        if self.keep_outputs:
+            for module in self.replay.candidates:
+                # before the Linears' own pre-hooks: a Linear that is not final
+                # counts against itself
+                self._hook(module, self._module_pre_hook, "forward_pre")
+                self._hook(module, self._module_hook, "forward")
+        for linear in self.linears:
+            self._hook(linear, self._linear_pre_hook, "forward_pre")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.owner.remove_hooks(set(self._handles))
+        self._handles = set()
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """This pass's forward swaps, and its hooks alone enabled."""
+        with contextlib.ExitStack() as stack:
+            for module, weight in self.weights.items():
+                stack.enter_context(
+                    patch_attr(
+                        module, "forward", functools.partial(_linear_with, weight, module)
+                    )
+                )
+            kept = self.replay.kept.get(self.batch, {}) if self.replay is not None else {}
+            for module in kept:
+                stack.enter_context(
+                    patch_attr(
+                        module,
+                        "forward",
+                        functools.partial(self._kept_or_computed, module, module.forward),
+                    )
+                )
+            stack.enter_context(HooksMixin.disable_hooks(keep=set(self._handles)))
+            yield
+
+    def _hook(self, module, function, kind) -> None:
+        self._handles.add(self.owner.register_hook(module, function, kind))
+
+    # ------------------------------------------------------------------ run
+    def run(
+        self, batch: int, args: tuple, kwargs: dict, hidden: torch.Tensor | None = None
+    ) -> tuple[dict[torch.nn.Module, list[torch.Tensor]], Any]:
+        """One forward of batch ``batch``'s call, its hidden state replaced by
+        ``hidden`` when given. Returns the captured inputs per Linear and the
+        layer's output (``None`` when the pass stopped early)."""
+        self.batch = batch
+        self.trace, self._captured, self._copies = [], {}, {}
+        self._call_counts, self._unfinished_linears = {}, 0
+        self._open, self._finished = [], {}
+        if hidden is not None:
+            args, kwargs = replace_hidden(args, kwargs, hidden)
+        output = None
+        try:
+            with self._running():
+                output = self.layer(*args, **kwargs)
+        except _Stop:
+            pass
+        finally:
+            if self.keep_outputs:
+                self._keep_finished()
+            elif self.replay is not None:
+                self.replay.kept.pop(batch, None)
+            captured = self._captured
+            self._copies = {}
+        return captured, output
+
+    # ---------------------------------------------------------------- hooks
+    def _linear_pre_hook(self, module: torch.nn.Module, args: tuple) -> None:
+        number = self._call_counts.get(module, 0)
+        self._call_counts[module] = number + 1
+        inp = args[0]
+        if module in self.capture:
+            # keep the input alive for the forward: its id names it in the trace
+            key = (id(inp), inp._version)
+            self.trace.append(TraceCall(module, key))
+            if key[0] not in self._copies:
+                self._copies[key[0]] = (inp, _private_copy(inp, self.offload_device))
+            self._captured.setdefault(module, []).append(self._copies[key[0]][1])
+        if module not in self.final:
+            self._unfinished_linears += 1
+        if self.stop is not None and (module, number) == self.stop:
+            raise _Stop()
+
+    def _module_pre_hook(self, module: torch.nn.Module, args: tuple) -> None:
+        self._open.append((module, self._unfinished_linears))
+
+    def _module_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        opened, unfinished = self._open.pop()
+        if opened is module and unfinished == self._unfinished_linears:
+            kept = send_tensors(output, self.offload_device) if self.offload_device else output
+            entry = (kept, [tensor._version for tensor in _tensors(kept)])
+            self._finished.setdefault(module, []).append(entry)
+
+    def _kept_or_computed(self, module: torch.nn.Module, forward: Callable, *args, **kwargs):
+        entries = self.replay.kept[self.batch].get(module)
+        if entries:
+            kept, versions = entries.pop(0)
+            if [t._version for t in _tensors(kept)] == versions:
+                device = _device_of(module, args, kwargs)
+                return send_tensors(kept, device) if device is not None else kept
+        return forward(*args, **kwargs)
+
+    def _keep_finished(self) -> None:
+        finished = {
+            module: [
+                entry
+                for entry in entries
+                if [t._version for t in _tensors(entry[0])] == entry[1]
+            ]
+            for module, entries in self._finished.items()
+        }
+        # a module with a dropped call is recomputed whole
+        finished = {
+            module: entries
+            for module, entries in finished.items()
+            if len(entries) == len(self._finished[module])
+        }
+        self.replay.kept[self.batch] = self.replay.outermost(finished)
+
+
+def split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """Separate a layer call's hidden state from its other arguments."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    if "hidden_states" in kwargs:
+        rest = dict(kwargs)
+        return rest.pop("hidden_states"), (), rest
+    raise ValueError(
+        "QEP: a sequential target was called without a positional hidden state or "
+        "a `hidden_states` keyword; QEP cannot find its input"
+    )
+
+
+def replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The same call with ``hidden`` as its hidden state."""
+    if args:
+        return (hidden, *args[1:]), dict(kwargs)
+    split_hidden(args, kwargs)  # raises if there is none
+    return (), {**kwargs, "hidden_states": hidden}
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """A layer output's hidden state: the tensor, or a tuple's first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"QEP: a sequential target returned {type(output).__name__}; expected a "
+        "tensor or a tuple whose first element is the hidden state"
+    )
+
+
+def _private_copy(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor`` on ``device``, never sharing its storage."""
+    moved = tensor.detach().to(device) if device is not None else tensor.detach()
+    return moved.clone() if moved.data_ptr() == tensor.data_ptr() else moved
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def _device_of(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.device | None:
+    for tensor in _tensors((args, kwargs)):
+        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    return None
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:index]) for index in range(1, len(parts))]
+
+
+def _linear_with(weight: torch.Tensor, module: torch.nn.Module, inp: torch.Tensor):
+    """``module``'s forward with ``weight`` in place of its own."""
+    bias = module.bias
+    return torch.nn.functional.linear(
+        inp,
+        weight.to(device=inp.device, dtype=inp.dtype),
+        None if bias is None else bias.to(device=inp.device, dtype=inp.dtype),
+    )
+

@@ -1,0 +1,373 @@
+"""QEPModifier through llm-compressor's oneshot on tiny random Llamas."""
+
+import functools
+
+import pytest
+import torch
+from llmcompressor.modifiers.gptq import GPTQModifier
+
+import qep_modifier.modifier as modifier_module
+from qep_modifier import FOEMModifier, QEPModifier
+from tests.conftest import NUM_SAMPLES, SEQ_LEN
+from tests.models import (
+    REPO,
+    group_scheme,
+    load_model,
+    logits,
+    quantize,
+    quantized_linears,
+    token_dataset,
+)
+
+W3 = dict(targets="Linear", ignore=["lm_head"], config_groups=group_scheme(3, 32))
+
+
+def _assert_same_weights(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys() and first
+    for name in first:
+        for key in first[name]:
+            assert torch.equal(first[name][key], second[name][key]), (name, key)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        group_scheme(3, 32, actorder="static"),
+        group_scheme(4, None, symmetric=False),
+        group_scheme(2, 32, actorder="weight"),
+    ],
+    ids=["w3-g32-static", "w4-channel-asym", "w2-g32-weight"],
+)
+def test_zero_strength_is_gptq_modifier(tiny_llama, calibration, scheme):
+    common = dict(targets="Linear", ignore=["lm_head"], config_groups=scheme)
+    reference = quantized_linears(quantize(tiny_llama, GPTQModifier(**common), calibration))
+    ours = quantized_linears(
+        quantize(
+            tiny_llama,
+            QEPModifier(propagation_strength=0.0, true_sequential=False, **common),
+            calibration,
+        )
+    )
+    assert len(ours) == 21
+    _assert_same_weights(reference, ours)
+
+
+@pytest.fixture
+def accumulated(monkeypatch):
+    """Every batch the modifier accumulates: module names -> (X~ list, X list or None)."""
+    seen = []
+    accumulate = modifier_module.accumulate_batch
+
+    def recording(statistics, quantized, full_precision=None):
+        seen.append(
+            {
+                module: (
+                    [x.clone() for x in quantized.get(module, ())],
+                    None
+                    if full_precision is None
+                    else [x.clone() for x in full_precision.get(module, ())],
+                )
+                for module in statistics
+            }
+        )
+        accumulate(statistics, quantized, full_precision)
+
+    monkeypatch.setattr(modifier_module, "accumulate_batch", recording)
+    return seen
+
+
+def _by_name(model, seen):
+    names = {module: name for name, module in model.named_modules()}
+    by_name = {}
+    for batch in seen:
+        for module, inputs in batch.items():
+            by_name.setdefault(names[module], []).append(inputs)
+    return by_name
+
+
+def _inputs_of(model, names, input_ids):
+    """What ``model`` feeds each named Linear, one tensor per sample."""
+    captured = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, output, name=name: captured[name].append(args[0].clone())
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        for row in input_ids:
+            model(input_ids=row[None])
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def test_streams_are_what_the_fp_and_the_quantized_model_feed(
+    tiny_llama, calibration, accumulated
+):
+    recipe = QEPModifier(propagation_strength=0.5, **W3)  # every Linear corrected
+    quantized_model = quantize(tiny_llama, recipe, calibration)
+    seen = _by_name(quantized_model, accumulated)
+    input_ids = torch.tensor(calibration["input_ids"])
+    names = [
+        f"model.layers.2.{part}"
+        for part in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+    ]
+    full_precision = _inputs_of(load_model(tiny_llama), names, input_ids)
+    final = _inputs_of(quantized_model, names, input_ids)
+    for name in names:
+        # each module is accumulated once per batch: from its group's replay
+        assert len(seen[name]) == NUM_SAMPLES
+        for sample, (quantized_inputs, full_precision_inputs) in enumerate(seen[name]):
+            (x_q,), (x,) = quantized_inputs, full_precision_inputs
+            torch.testing.assert_close(x, full_precision[name][sample], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(x_q, final[name][sample], rtol=1e-4, atol=1e-5)
+        # a deep layer's two streams really differ
+        assert not torch.allclose(seen[name][0][0][0], seen[name][0][1][0], atol=1e-3)
+
+
+def test_uncorrected_group_is_replayed_on_the_quantized_stream_only(
+    tiny_llama, calibration, accumulated
+):
+    # default strengths: mlp.down_proj (the last group) is not corrected, so its
+    # replay runs the quantized stream only; the groups before it get both
+    quantized_model = quantize(tiny_llama, QEPModifier(**W3), calibration)
+    seen = _by_name(quantized_model, accumulated)
+    layer = "model.layers.1"
+    assert len(seen[f"{layer}.mlp.down_proj"]) == NUM_SAMPLES
+    assert all(full is None for _, full in seen[f"{layer}.mlp.down_proj"])
+    assert all(len(full) == 1 for _, full in seen[f"{layer}.mlp.up_proj"])
+    name = f"{layer}.mlp.down_proj"
+    final = _inputs_of(quantized_model, [name], torch.tensor(calibration["input_ids"]))
+    for sample, (quantized_inputs, _) in enumerate(seen[name]):
+        torch.testing.assert_close(quantized_inputs[0], final[name][sample], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_bits", [3, 2])
+def test_qep_lowers_output_error_against_gptq(tiny_llama, held_out, num_bits):
+    reference = logits(load_model(tiny_llama), held_out)
+    common = dict(targets="Linear", ignore=["lm_head"], config_groups=group_scheme(num_bits, 32))
+    errors = {}
+    for label, recipe in {"gptq": GPTQModifier(**common), "qep": QEPModifier(**common)}.items():
+        model = quantize(tiny_llama, recipe, token_dataset(32, SEQ_LEN, seed=1))
+        errors[label] = torch.mean((logits(model, held_out) - reference) ** 2).item()
+    assert errors["qep"] < errors["gptq"], errors
+
+
+def test_saved_checkpoint_reloads_with_the_same_logits(tiny_llama, calibration, held_out, tmp_path):
+    recipe = QEPModifier(targets="Linear", ignore=["lm_head"], config_groups=group_scheme(4, 32))
+    model = quantize(tiny_llama, recipe, calibration, output_dir=str(tmp_path / "out"))
+    in_memory = logits(model, held_out)
+    config = (tmp_path / "out" / "config.json").read_text()
+    assert "pack-quantized" in config
+    assert "QEPModifier" in (tmp_path / "out" / "recipe.yaml").read_text()
+    reloaded = load_model(tmp_path / "out")
+    torch.testing.assert_close(logits(reloaded, held_out), in_memory, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "recipe_file", sorted(path.name for path in (REPO / "recipes").glob("*.yaml"))
+)
+def test_recipe_files_run_through_oneshot(tiny_llama, calibration, recipe_file):
+    model = quantize(tiny_llama, str(REPO / "recipes" / recipe_file), calibration)
+    quantized = quantized_linears(model)
+    assert len(quantized) == 21
+    assert all(torch.isfinite(values["weight"]).all() for values in quantized.values())
+
+
+def test_disk_offloaded_model_gives_the_same_weights(tiny_llama, calibration, tmp_path):
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    plain = quantized_linears(quantize(tiny_llama, QEPModifier(**W3), calibration))
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "disk",
+        "model.layers.1": "cpu",
+        "model.layers.2": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    with load_offloaded_model():
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_llama, device_map=device_map, offload_folder=str(tmp_path / "disk")
+        )
+    assert type(model.model.layers[0].self_attn.q_proj._parameters).__name__ == "DiskCache"
+    _assert_same_weights(plain, quantized_linears(quantize(model, QEPModifier(**W3), calibration)))
+
+
+def test_first_order_strength_switches_to_the_foem_sweep(tiny_llama, calibration):
+    from compressed_tensors.quantization import fake_quantize
+
+    plain = quantized_linears(
+        quantize(tiny_llama, QEPModifier(propagation_strength=0.0, **W3), calibration)
+    )
+    foem_model = quantize(tiny_llama, FOEMModifier(**W3), calibration)
+    foem = quantized_linears(foem_model)
+    same = quantized_linears(
+        quantize(
+            tiny_llama,
+            QEPModifier(propagation_strength=0.0, first_order_strength=0.2, **W3),
+            calibration,
+        )
+    )
+    changed = [name for name in plain if not torch.equal(plain[name]["weight"], foem[name]["weight"])]
+    assert len(changed) == len(plain)
+    _assert_same_weights(foem, same)
+    for name in foem:
+        args = foem_model.get_submodule(name).quantization_scheme.weights
+        values = foem[name]
+        regridded = fake_quantize(values["weight"], values["weight_scale"], values["weight_zero_point"], args)
+        torch.testing.assert_close(regridded, values["weight"], rtol=0, atol=1e-6)
+
+
+def test_error_report_lists_every_module(tiny_llama, calibration):
+    recipe = QEPModifier(report_errors=True, **W3)
+    quantize(tiny_llama, recipe, calibration)
+    report = {row["name"]: row for row in recipe.error_report}
+    assert len(report) == 21
+    for name, row in report.items():
+        assert 0.0 <= row["quantized"] < 10 and 0.0 <= row["before"] < 10
+        if name.endswith("down_proj"):
+            assert row["corrected"] is None  # strength 0 by default
+        else:
+            # the damped correction minimises ||W X - V X~||^2 + l ||V - W||^2:
+            # any strength in [0, 1] can only lower the output error
+            assert row["corrected"] <= row["before"] + 1e-9, name
+    # the first layer's inputs agree in both streams; deeper ones do not
+    assert report["model.layers.0.self_attn.q_proj"]["before"] == pytest.approx(0.0, abs=1e-6)
+    deep = report["model.layers.2.self_attn.q_proj"]
+    assert deep["before"] > 0.01 and deep["corrected"] < deep["before"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"cache_full_precision_inputs": False},
+        {"resume_replays": False},
+        {"cache_full_precision_inputs": False, "resume_replays": False},
+    ],
+    ids=["cache-off", "resume-off", "both-off"],
+)
+def test_memory_options_change_no_weight(tiny_llama, calibration, fields):
+    common = dict(first_order_strength=0.1, report_errors=True, **W3)
+    reference_recipe = QEPModifier(**common)
+    reference = quantized_linears(quantize(tiny_llama, reference_recipe, calibration))
+    recipe = QEPModifier(**fields, **common)
+    _assert_same_weights(reference, quantized_linears(quantize(tiny_llama, recipe, calibration)))
+    assert recipe.error_report == reference_recipe.error_report
+
+
+def test_two_layers_per_subgraph_give_the_same_weights(tiny_llama, calibration):
+    # the second layer of a subgraph gets its quantized-stream input from QEP's
+    # own propagation through the first, exactly what the pipeline computes
+    one = quantized_linears(quantize(tiny_llama, QEPModifier(**W3), calibration))
+    two = quantized_linears(
+        quantize(tiny_llama, QEPModifier(**W3), calibration, sequential_targets_per_subgraph=2)
+    )
+    _assert_same_weights(one, two)
+
+
+def _count_work(monkeypatch):
+    """Count Linear products, Hessian products and attention passes."""
+    import qep_modifier.statistics as statistics_module
+    from llmcompressor.modifiers.gptq import base as gptq_base
+    from transformers.models.llama import modeling_llama
+
+    counts = {"linear": 0, "hessian": 0, "attention": 0}
+
+    def counted(key, function):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    # nn.Linear and the replays' original-weight forward both call it
+    monkeypatch.setattr(torch.nn.functional, "linear", counted("linear", torch.nn.functional.linear))
+    hessian = counted("hessian", gptq_base.accumulate_hessian)
+    monkeypatch.setattr(statistics_module, "accumulate_hessian", hessian)
+    monkeypatch.setattr(gptq_base, "accumulate_hessian", hessian)
+    attention = counted("attention", modeling_llama.eager_attention_forward)
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", attention)
+    return counts
+
+
+def test_calibration_work_per_layer_and_batch(tiny_llama, calibration, monkeypatch):
+    # 3 Llama layers (q k v | o | gate up | down), 8 batches; the pipeline
+    # never runs lm_head (no target after it)
+    counts = _count_work(monkeypatch)
+    layer_batches = 3 * NUM_SAMPLES
+
+    quantize(tiny_llama, GPTQModifier(**W3), calibration)
+    # calibration pass and propagation pass; a Hessian product per Linear
+    assert counts == {"linear": 14 * layer_batches, "hessian": 7 * layer_batches, "attention": 2 * layer_batches}
+
+    # QEP per layer and batch: the full-precision pass (7 products; the last
+    # layer's stops before gate: nothing reads its output or the MLP's), the
+    # quantized-stream replays up to o (q k v), up to gate (o: q k v kept from
+    # the replay before) and up to down (gate and up: the attention block
+    # kept), and the pipeline's propagation pass (7). The calibration pass
+    # computes its first batch only, and QEP traces each layer once (7 + 7).
+    # Without kept outputs (resume_replays off) the replays recompute q k v
+    # twice and the attention block once more; without the cached
+    # full-precision inputs the full-precision stream is replayed up to o and
+    # up to gate (3 + 4) and the last layer's pass is not run at all.
+    cases = {
+        "defaults": ({}, 3 + 1 + 2, 1 + 1, 0, 0),
+        "resume off": ({"resume_replays": False}, 3 + 4 + 6, 1 + 1 + 1, 0, 0),
+        "cache off": ({"cache_full_precision_inputs": False}, 3 + 1 + 2, 1 + 1, 3 + 4, 2),
+    }
+    for label, (fields, replays, replay_attention, fp_replays, fp_replay_attention) in cases.items():
+        counts.update(linear=0, hessian=0, attention=0)
+        quantize(tiny_llama, QEPModifier(**fields, **W3), calibration)
+        per_layer = 7 + 7  # the calibration pass's first batch, the trace
+        last_fp = 0 if fields.get("cache_full_precision_inputs") is False else 4
+        expected_linear = 3 * per_layer + NUM_SAMPLES * (
+            2 * (7 + replays + fp_replays + 7) + (last_fp + replays + fp_replays + 7)
+        )
+        last_fp_attention = 0 if last_fp == 0 else 1
+        expected_attention = 3 * 2 + NUM_SAMPLES * (
+            2 * (1 + replay_attention + fp_replay_attention + 1)
+            + (last_fp_attention + replay_attention + fp_replay_attention + 1)
+        )
+        assert counts["linear"] == expected_linear, (label, counts)
+        assert counts["attention"] == expected_attention, (label, counts)
+        # one H~ product per distinct input: q k v share one, gate and up one
+        assert counts["hessian"] == 4 * layer_batches, (label, counts)
+
+
+def test_propagate_error_false_is_refused(tiny_llama, calibration):
+    with pytest.raises(RuntimeError, match="propagate_error=True"):
+        quantize(tiny_llama, QEPModifier(**W3), calibration, propagate_error=False)
+
+
+def test_propagate_error_false_is_refused_without_the_full_precision_stream(
+    tiny_llama, calibration
+):
+    # FOEM alone runs no full-precision stream; the skipped calibration pass
+    # hands a layer's input on unchanged, which the next layer notices
+    with pytest.raises(RuntimeError, match="propagate_error=True"):
+        quantize(tiny_llama, FOEMModifier(**W3), calibration, propagate_error=False)
+
+
+def _real_forwards(model) -> bool:
+    """No layer's forward is swapped for the skipping one any more."""
+    return not any(
+        isinstance(layer.__dict__.get("forward"), functools.partial)
+        for layer in model.model.layers
+    )
+
+
+def test_nothing_is_left_swapped_or_silenced(tiny_llama, calibration):
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    model = quantize(tiny_llama, QEPModifier(**W3), calibration)
+    assert _real_forwards(model)
+    assert not HooksMixin._HOOKS_DISABLED and not HooksMixin._HOOKS_KEEP_ENABLED
+    # a refusal part way leaves the model's layers computing for real too
+    model = load_model(tiny_llama)
+    with pytest.raises(RuntimeError, match="propagate_error=True"):
+        quantize(model, QEPModifier(**W3), calibration, propagate_error=False)
+    assert _real_forwards(model)

@@ -1,0 +1,272 @@
+"""Stream capture on a toy decoder layer: recording, traced passes, early stops,
+resumed replays, silenced hooks and skipped calibration batches (no oneshot)."""
+
+import functools
+
+import pytest
+import torch
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+from qep_modifier.capture import (
+    LayerPass,
+    RecordedCalls,
+    ReplayOutputs,
+    SkippedCalibration,
+    first_tensor,
+    replace_hidden,
+    split_hidden,
+)
+
+WIDTH = 8
+
+
+class ToyAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(WIDTH, WIDTH) for _ in range(4))
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.q(x) * self.k(x)) + self.v(x))
+
+
+class ToyMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = torch.nn.Linear(WIDTH, 16), torch.nn.Linear(WIDTH, 16)
+        self.down = torch.nn.Linear(16, WIDTH)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+class ToyLayer(torch.nn.Module):
+    """norm -> attention -> residual -> norm -> MLP -> residual."""
+
+    def __init__(self, in_place=False):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(WIDTH), torch.nn.LayerNorm(WIDTH)
+        self.attn, self.mlp = ToyAttention(), ToyMLP()
+        self.in_place = in_place
+
+    def forward(self, hidden, scale=1.0):
+        attended = self.attn(self.norm1(hidden))
+        if self.in_place:
+            attended.add_(hidden)  # writes the attention block's output in place
+            h = attended
+        else:
+            h = hidden + attended
+        return h + scale * self.mlp(self.norm2(h))
+
+
+def _layer(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return ToyLayer(**kwargs).eval()
+
+
+def _linears(layer):
+    return [layer.attn.q, layer.attn.k, layer.attn.v, layer.attn.o, layer.mlp.gate, layer.mlp.up, layer.mlp.down]
+
+
+class Owner(HooksMixin):
+    """Stands in for the modifier whose hooks a pass registers."""
+
+
+@pytest.fixture
+def computed(monkeypatch):
+    """Count each Linear's products (a kept output returned by a swapped forward
+    still fires the module's hooks, so hooks cannot count computations)."""
+    counts = {}
+    linear = torch.nn.functional.linear
+
+    def counting(inp, weight, bias=None):
+        counts[weight.data_ptr()] = counts.get(weight.data_ptr(), 0) + 1
+        return linear(inp, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+
+    def of(layer):
+        return {
+            module: counts[module.weight.data_ptr()]
+            for module in _linears(layer)
+            if module.weight.data_ptr() in counts
+        }
+
+    return of
+
+
+def test_recorded_calls_come_back_onloaded_per_batch():
+    layer = _layer()
+    calls = RecordedCalls("cpu")
+    hidden = [torch.randn(1, 3, WIDTH) for _ in range(2)]
+    shared = torch.ones(3)
+    for batch in hidden:
+        calls.record(layer, (batch,), {"scale": 0.5, "mask": shared})
+    assert calls.num_batches(layer) == 2 and len(calls) == 1
+    args, kwargs = calls.fetch(layer, 1)
+    assert torch.equal(args[0], hidden[1]) and kwargs["scale"] == 0.5
+    assert torch.equal(kwargs["mask"], shared)
+    calls.drop(layer)
+    assert calls.num_batches(layer) == 0
+
+
+def test_trace_keys_name_shared_inputs():
+    layer = _layer()
+    with LayerPass(Owner(), layer, _linears(layer), capture=_linears(layer)) as traced:
+        captured, output = traced.run(0, (torch.randn(1, 3, WIDTH),), {})
+    keys = {call.module: call.input_key for call in traced.trace}
+    q, k, v, o, gate, up, down = _linears(layer)
+    assert keys[q] == keys[k] == keys[v] != keys[o]
+    assert keys[gate] == keys[up] != keys[down]
+    assert captured[q][0] is captured[k][0]  # one private copy for a shared input
+    assert output is not None
+
+
+def test_a_pass_stops_at_its_call_and_computes_nothing_after(computed):
+    layer = _layer()
+    q, k, v, o, gate, up, down = _linears(layer)
+    hidden = torch.randn(1, 3, WIDTH)
+    with LayerPass(Owner(), layer, _linears(layer), capture=[o], stop=(o, 0)) as replay:
+        captured, output = replay.run(0, (hidden,), {})
+    assert output is None and set(captured) == {o}
+    assert computed(layer) == {q: 1, k: 1, v: 1}  # o never computed, nor anything after
+    expected = torch.tanh(q(layer.norm1(hidden)) * k(layer.norm1(hidden))) + v(layer.norm1(hidden))
+    torch.testing.assert_close(captured[o][0], expected)
+
+
+def test_hidden_state_is_replaced_and_kwargs_kept():
+    layer = _layer()
+    recorded, replacement = torch.randn(1, 3, WIDTH), torch.randn(1, 3, WIDTH)
+    with LayerPass(Owner(), layer, _linears(layer)) as plain:
+        _, output = plain.run(0, (recorded,), {"scale": 0.0}, hidden=replacement)
+    torch.testing.assert_close(output, replacement + layer.attn(layer.norm1(replacement)))
+
+
+def test_other_hooks_are_silenced_while_a_pass_runs():
+    layer = _layer()
+    other, fired = Owner(), []
+    other.register_hook(layer.attn.q, lambda *args: fired.append(1), "forward")
+    other.register_hook(layer, lambda *args: fired.append(2), "forward_pre")
+    with LayerPass(Owner(), layer, _linears(layer)) as plain:
+        plain.run(0, (torch.randn(1, 3, WIDTH),), {})
+    assert fired == []
+    layer(torch.randn(1, 3, WIDTH))
+    assert fired == [2, 1]  # and they fire again afterwards
+    other.remove_hooks()
+
+
+def _replays(layer, replay, hidden):
+    """The three later groups' replays (o, gate/up, down), each after the groups
+    before it are final; returns what each captured."""
+    q, k, v, o, gate, up, down = _linears(layer)
+    steps = [([o], (o, 0), [q, k, v]), ([gate, up], (gate, 0), [q, k, v, o]), ([down], (down, 0), [q, k, v, o, gate, up])]
+    captured = []
+    for number, (capture, stop, final) in enumerate(steps):
+        with LayerPass(
+            Owner(), layer, _linears(layer), capture=capture, stop=stop,
+            replay=replay, final=final, keep_outputs=number < 2,
+        ) as step:
+            captured.append([step.run(batch, (x,), {})[0] for batch, x in enumerate(hidden)])
+    names = {module: name for name, module in layer.named_modules()}
+    return [[{names[m]: inputs for m, inputs in batch.items()} for batch in step] for step in captured]
+
+
+def test_replays_resume_from_the_submodules_the_previous_one_finished(computed):
+    hidden = [torch.randn(1, 3, WIDTH) for _ in range(2)]
+    unresumed = _layer()  # kept alive: products are counted by weight address
+    fresh = _replays(unresumed, None, hidden)
+    layer = _layer()
+    replay = ReplayOutputs(layer, _linears(layer), "cpu")
+    resumed = _replays(layer, replay, hidden)
+    for got, expected in zip(resumed, fresh):
+        for batch_got, batch_expected in zip(got, expected):
+            assert batch_got.keys() == batch_expected.keys()
+            for name in batch_expected:
+                assert torch.equal(batch_got[name][0], batch_expected[name][0])
+    q, k, v, o, gate, up, down = _linears(layer)
+    # q k v computed once per batch (replay for o), o once (for gate/up: q k v
+    # kept), gate and up once (for down: the attention block kept)
+    assert computed(layer) == {q: 2, k: 2, v: 2, o: 2, gate: 2, up: 2}
+    assert replay.kept == {}  # the last replay used and dropped them
+
+
+def test_an_output_written_in_place_is_not_kept(computed):
+    hidden = [torch.randn(1, 3, WIDTH)]
+    unresumed = _layer(in_place=True)
+    fresh = _replays(unresumed, None, [h.clone() for h in hidden])
+    layer = _layer(in_place=True)
+    resumed = _replays(layer, ReplayOutputs(layer, _linears(layer), "cpu"), hidden)
+    assert torch.equal(resumed[2][0]["mlp.down"][0], fresh[2][0]["mlp.down"][0])
+    # the attention block's output was written in place: recomputed for down
+    assert computed(layer)[layer.attn.o] == 2
+
+
+def test_a_final_linear_is_not_kept_while_a_later_group_computes_inside_its_parent():
+    layer = _layer()
+    q, k, v, o, gate, up, down = _linears(layer)
+    replay = ReplayOutputs(layer, _linears(layer), "cpu")
+    # a pass with q final and k, v not: only q's output may be kept
+    with LayerPass(
+        Owner(), layer, _linears(layer), capture=[o], stop=(o, 0),
+        replay=replay, final=[q], keep_outputs=True,
+    ) as step:
+        step.run(0, (torch.randn(1, 3, WIDTH),), {})
+    assert set(replay.kept[0]) == {q}
+
+
+def test_weights_override_computes_with_the_given_weight():
+    layer = _layer()
+    q, k, v, o, gate, up, down = _linears(layer)
+    original = q.weight.detach().clone()
+    hidden = torch.randn(1, 3, WIDTH)
+    with LayerPass(Owner(), layer, _linears(layer), capture=[o], stop=(o, 0)) as before:
+        expected = before.run(0, (hidden,), {})[0][o][0]
+    with torch.no_grad():
+        q.weight.mul_(3.0)
+    with LayerPass(Owner(), layer, _linears(layer), capture=[o], stop=(o, 0), weights={q: original}) as pass_:
+        got = pass_.run(0, (hidden,), {})[0][o][0]
+    assert torch.equal(got, expected)
+    assert "forward" not in q.__dict__ or not isinstance(q.__dict__["forward"], functools.partial)
+
+
+def test_skipped_calibration_computes_the_first_batch_only(computed):
+    layer = _layer()
+    skipped = SkippedCalibration()
+    skipped.install(layer)
+    first, second = torch.randn(1, 3, WIDTH), torch.randn(1, 3, WIDTH)
+    real = layer(first)
+    assert sum(computed(layer).values()) == 7
+    assert layer(second) is second and sum(computed(layer).values()) == 7
+    assert skipped.remove(layer) and not skipped.remove(layer)
+    torch.testing.assert_close(layer(first), real)
+
+
+def test_skipped_calibration_keeps_a_tuple_output_shape():
+    class TupleLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(WIDTH, WIDTH)
+
+        def forward(self, hidden):
+            return self.proj(hidden), None
+
+    layer, skipped = TupleLayer(), SkippedCalibration()
+    skipped.install(layer)
+    layer(torch.randn(2, WIDTH))
+    hidden = torch.randn(2, WIDTH)
+    output = layer(hidden)
+    assert isinstance(output, tuple) and output[0] is hidden and output[1] is None
+    skipped.remove_all()
+    assert layer(hidden)[0] is not hidden
+
+
+def test_hidden_state_helpers():
+    hidden, other = torch.randn(2), torch.randn(2)
+    assert split_hidden((hidden, 1), {"a": 2}) == (hidden, (1,), {"a": 2})
+    assert split_hidden((), {"hidden_states": hidden, "a": 2})[0] is hidden
+    with pytest.raises(ValueError, match="hidden state"):
+        split_hidden((), {"a": 2})
+    assert replace_hidden((hidden, 1), {}, other)[0] == (other, 1)
+    assert replace_hidden((), {"hidden_states": hidden}, other)[1]["hidden_states"] is other
+    assert first_tensor((hidden, None)) is hidden and first_tensor(hidden) is hidden
+    with pytest.raises(TypeError, match="hidden state"):
+        first_tensor({"x": hidden})
