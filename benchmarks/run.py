@@ -147,19 +147,20 @@ class PeakRSS:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
-def gap_recovered(rows: list[dict]) -> None:
+def fill_gap_recovered(rows: list[dict]) -> None:
     """Fill ``gap_recovered`` against stock GPTQ and FP of the same scheme."""
+    from qep_modifier.workflow import gap_recovered
+
     fp = next((row["ppl"] for row in rows if row["method"] == "fp"), None)
     for row in rows:
         gptq = next(
             (r["ppl"] for r in rows if r["method"] == "gptq" and r["scheme"] == row["scheme"]), None
         )
-        usable = None not in (fp, gptq) and gptq - fp > 0 and row["method"] != "fp"
-        row["gap_recovered"] = (gptq - row["ppl"]) / (gptq - fp) if usable else None
+        row["gap_recovered"] = None if row["method"] == "fp" else gap_recovered(row["ppl"], gptq, fp)
 
 
 def write_table(rows: list[dict], path: Path, header: str) -> None:
-    gap_recovered(rows)
+    fill_gap_recovered(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.with_suffix(".csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -183,34 +184,20 @@ def write_table(rows: list[dict], path: Path, header: str) -> None:
 
 
 def draw_chart(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
+    from qep_modifier.workflow import bar_chart
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     schemes = sorted({row["scheme"] for row in rows if row["method"] != "fp"})
     methods = [m for m in dict.fromkeys(row["method"] for row in rows) if m != "fp"]
-    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(schemes) * len(methods) / 3), 4))
-    width = 0.8 / max(1, len(methods))
-    for index, method in enumerate(methods):
-        values = [
+    series = {
+        method: [
             next((r["ppl"] for r in rows if r["method"] == method and r["scheme"] == s), math.nan)
             for s in schemes
         ]
-        axis.bar([x + index * width for x in range(len(schemes))], values, width, label=method)
+        for method in methods
+    }
     fp = next((row["ppl"] for row in rows if row["method"] == "fp"), None)
-    if fp is not None:
-        axis.axhline(fp, color="black", linestyle="--", linewidth=1, label=f"fp {fp:.1f}")
-    axis.set_xticks([x + 0.4 - width / 2 for x in range(len(schemes))], schemes)
-    axis.set_ylabel("perplexity (lower is better)")
-    axis.set_yscale("log")
-    axis.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
+    reference = None if fp is None else (f"fp {fp:.1f}", fp)
+    return bar_chart(path, schemes, series, log=True, reference=reference)
 
 
 def parse_args(argv=None):
@@ -298,19 +285,21 @@ def main(argv=None) -> list[dict]:
         return merge(args.merge, args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import qep_modifier  # noqa: F401  registers the modifiers
-    from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from qep_modifier.default_model import default_model_path
-    from qep_modifier.evaluation import calibration_dataset, evaluation_windows, perplexity, tokenize_text
+    from qep_modifier.workflow import (
+        calibration_windows,
+        load_causal_lm,
+        quantize,
+        score,
+        scoring_windows,
+    )
 
     model_path = Path(args.model) if args.model else default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    calibration = calibration_dataset(
-        tokenize_text(tokenizer, args.calib), args.num_samples, args.seq_len, seed=args.seed
-    )
-    windows = evaluation_windows(tokenize_text(tokenizer, args.eval), args.seq_len, args.eval_windows)
+    calibration = calibration_windows(tokenizer, args.calib, args.num_samples, args.seq_len, seed=args.seed)
+    windows = scoring_windows(tokenizer, args.eval, args.seq_len, args.eval_windows)
     output = args.output or REPO / "benchmarks" / "results" / f"{model_path.name}.md"
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (
@@ -333,19 +322,11 @@ def main(argv=None) -> list[dict]:
             start = time.perf_counter()
             with PeakRSS() as memory:
                 if build is None:
-                    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+                    model = load_causal_lm(model_path)
                 else:
-                    model = oneshot(
-                        model=str(model_path),
-                        dataset=calibration,
-                        recipe=build(SCHEMES[scheme]),
-                        num_calibration_samples=args.num_samples,
-                        max_seq_length=args.seq_len,
-                        shuffle_calibration_samples=False,
-                        **extra,
-                    )
+                    model = quantize(model_path, build(SCHEMES[scheme]), calibration, **extra)
             elapsed = time.perf_counter() - start
-            ppl = perplexity(model.eval(), windows, progress=True)
+            ppl = score(model, windows)
             rows.append(
                 dict(
                     scheme="-" if method == "fp" else scheme,

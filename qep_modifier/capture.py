@@ -32,10 +32,11 @@ from compressed_tensors.utils import patch_attr
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.pipelines.cache import IntermediatesCache
 
-from qep_modifier.plan import CallRef, TraceCall
+from qep_modifier.plan import CallRef, Group, LayerPlan, TraceCall
 
 __all__ = [
     "LayerPass",
+    "LayerStreams",
     "RecordedCalls",
     "ReplayOutputs",
     "SkippedCalibration",
@@ -356,6 +357,182 @@ class LayerPass:
             if len(entries) == len(self._finished[module])
         }
         self.replay.kept[self.batch] = self.replay.outermost(finished)
+
+
+Inputs = dict[torch.nn.Module, list[torch.Tensor]]
+#: ``(batch, args, kwargs, hidden)``: a recorded call and the hidden state to
+#: run it on instead of its own (``None``: its own)
+Batch = tuple[int, tuple, dict, "torch.Tensor | None"]
+
+
+class LayerStreams:
+    """Both streams through one decoder layer, group by group of its plan.
+
+    :meth:`inputs` yields, batch by batch, a group's quantized-stream inputs
+    (a replay up to the group, resuming from the previous one with
+    ``resume``) and its full-precision inputs. The full-precision pass (the
+    layer's original weights on the full-precision stream) runs alongside the
+    first group's replay: it hands that group its inputs at once, keeps those
+    of later paired groups (``cache_full_precision``; otherwise each later
+    group replays the full-precision stream through the earlier groups'
+    original weights) and the next layer's full-precision input
+    (``stream_needed``), which :meth:`finish` returns.
+
+    :param owner: the modifier whose ``register_hook`` the passes use
+    :param layer: the decoder layer; ``linears``: its target Linears
+    :param calls: yields the layer's recorded calls ``(batch, args, kwargs)``
+    :param quantized_hidden: each batch's quantized-stream input (``None``:
+        the recorded one)
+    :param full_precision_hidden: each batch's full-precision input (``None``:
+        the recorded one: nothing before the layer is quantized)
+    :param plan: the layer's plan; ``final``: Linears of the layer already
+        quantized before it
+    """
+
+    def __init__(
+        self,
+        owner: HooksMixin,
+        layer: torch.nn.Module,
+        linears: list[torch.nn.Module],
+        calls: Callable[[], Iterator[tuple[int, tuple, dict]]],
+        *,
+        quantized_hidden: list[torch.Tensor] | None,
+        full_precision_hidden: list[torch.Tensor] | None,
+        plan: LayerPlan,
+        final: Collection[torch.nn.Module] = (),
+        stream_needed: bool,
+        cache_full_precision: bool,
+        resume: bool,
+        offload_device: torch.device | str | None,
+    ):
+        self.owner, self.layer, self.linears, self.plan = owner, layer, linears, plan
+        self._calls = calls
+        self._quantized_hidden = quantized_hidden
+        self._full_precision_hidden = full_precision_hidden
+        self.final = set(final)
+        self.stream_needed = stream_needed
+        self.cache_full_precision = cache_full_precision
+        self.offload_device = offload_device
+        self.replay = ReplayOutputs(layer, linears, offload_device) if resume else None
+        self._original_weights: dict[torch.nn.Module, torch.Tensor] = {}
+        self._kept_inputs: list[Inputs] = []  # later paired groups' X, per batch
+        self._next_stream: list[torch.Tensor] = []
+        self._passed = False  # the full-precision pass has run
+
+    # ------------------------------------------------------------------ api
+    def inputs(self, group: Group) -> Iterator[tuple[Inputs, Inputs | None]]:
+        """Each batch's ``(X~, X)`` of ``group``'s members, call by call (``X`` is
+        ``None`` for a group that needs no full-precision stream)."""
+        is_last = group is self.plan.groups[-1]
+        with contextlib.ExitStack() as stack:
+            up_to_group = functools.partial(
+                LayerPass, self.owner, self.layer, self.linears,
+                capture=group.modules, stop=group.stop,
+            )
+            quantized = stack.enter_context(
+                up_to_group(replay=self.replay, final=self.final, keep_outputs=not is_last)
+            )
+            full_pass = None if self._passed else self._full_precision_pass(stack, group)
+            full_replay = None
+            if group.paired and not self.cache_full_precision and full_pass is None:
+                full_replay = stack.enter_context(up_to_group(weights=self._original_weights))
+            full_precision_calls = (
+                self._batches(self._full_precision_hidden)
+                if full_pass is not None or full_replay is not None
+                else None
+            )
+            for batch, args, kwargs, hidden in self._batches(self._quantized_hidden):
+                x = None
+                if full_pass is not None:
+                    x = self._run_full_precision_pass(full_pass, next(full_precision_calls))
+                elif full_replay is not None:
+                    x = full_replay.run(*next(full_precision_calls))[0]
+                elif group.paired:
+                    x = self._kept_inputs[batch]
+                captured, _ = quantized.run(batch, args, kwargs, hidden)
+                yield group.inputs(captured), group.inputs(x) if group.paired else None
+                if self.cache_full_precision and group.paired:
+                    for module in group.modules:  # read once: free it
+                        self._kept_inputs[batch].pop(module, None)
+            self._passed = True
+
+    def quantizing(self, group: Group) -> None:
+        """``group``'s weights are about to change: later replays treat it as
+        final; later full-precision replays keep computing with its original
+        weights."""
+        later = self.plan.groups[self.plan.groups.index(group) + 1 :]
+        if not self.cache_full_precision and any(g.paired for g in later):
+            for module in group.modules:
+                self._original_weights[module] = module.weight.detach().to(
+                    self.offload_device or module.weight.device, copy=True
+                )
+        self.final.update(group.modules)
+
+    def finish(self) -> list[torch.Tensor] | None:
+        """The next layer's full-precision input (``None`` when not needed)."""
+        if not self._passed and self.stream_needed:
+            with contextlib.ExitStack() as stack:
+                full_pass = self._full_precision_pass(stack)
+                for call in self._batches(self._full_precision_hidden):
+                    self._run_full_precision_pass(full_pass, call)
+        self._original_weights, self._kept_inputs = {}, []
+        return self._next_stream if self.stream_needed else None
+
+    def propagate(self) -> list[torch.Tensor]:
+        """The (now quantized) layer's output for each batch: what the next
+        layer of the same subgraph gets as its quantized-stream input."""
+        outputs = []
+        with LayerPass(self.owner, self.layer, self.linears) as plain:
+            for call in self._batches(self._quantized_hidden):
+                hidden = first_tensor(plain.run(*call)[1])
+                outputs.append(hidden.to(self.offload_device or hidden.device))
+        return outputs
+
+    # -------------------------------------------------------------- helpers
+    def _batches(self, hidden_states: list[torch.Tensor] | None) -> Iterator[Batch]:
+        for batch, args, kwargs in self._calls():
+            hidden = None
+            if hidden_states is not None:
+                hidden = hidden_states[batch].to(split_hidden(args, kwargs)[0].device)
+            yield batch, args, kwargs, hidden
+
+    def _full_precision_pass(
+        self, stack: contextlib.ExitStack, first: Group | None = None
+    ) -> LayerPass | None:
+        """The pass over the full-precision stream with the original weights
+        (beside the ``first`` group's replay), or ``None`` when nothing needs
+        it. Without a reader of its output it stops once the inputs it keeps are
+        seen."""
+        if self.cache_full_precision:
+            capture = self.plan.paired_modules
+        elif self.stream_needed and first is not None and first.paired:
+            capture = first.modules  # read at once, not kept
+        else:
+            capture = ()
+        if not capture and not self.stream_needed:
+            return None
+        return stack.enter_context(
+            LayerPass(
+                self.owner,
+                self.layer,
+                self.linears,
+                capture=capture,
+                stop=None if self.stream_needed else self.plan.full_precision_stop,
+                offload_device=self.offload_device,
+            )
+        )
+
+    def _run_full_precision_pass(self, full_pass: LayerPass, call: Batch) -> Inputs:
+        batch = call[0]
+        captured, output = full_pass.run(*call)
+        if self.cache_full_precision:
+            self._kept_inputs.append(captured)
+        if self.stream_needed:
+            hidden = first_tensor(output)
+            self._next_stream.append(hidden.to(self.offload_device or hidden.device))
+        if self.cache_full_precision and self._full_precision_hidden is not None:
+            self._full_precision_hidden[batch] = None  # read for the last time
+        return captured
 
 
 def split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:

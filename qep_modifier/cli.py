@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["oneshot_main", "eval_main", "resolve_dataset", "load_recipe", "format_report"]
+__all__ = ["oneshot_main", "eval_main", "resolve_dataset", "format_report"]
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO.parent / "shared" / "bench"
@@ -66,24 +66,6 @@ def format_report(rows) -> str:
             f"{cell(row.get('corrected'))}  {cell(row.get('quantized'))}"
         )
     return "\n".join(lines)
-
-
-def load_recipe(path: Path, report: bool = True):
-    """The recipe's modifiers, built here (not by oneshot) so that the CLI holds them.
-
-    A modifier with a ``report_errors`` field (``QEPModifier``, ``FOEMModifier``)
-    gets ``report_errors: true`` unless ``report`` is False or the YAML sets the
-    field itself; its ``error_report`` is then filled during calibration.
-    """
-    from llmcompressor.recipe import Recipe
-
-    recipe = Recipe.create_instance(str(path))
-    if report:
-        for modifier in recipe.modifiers:
-            fields = getattr(type(modifier), "model_fields", {})
-            if "report_errors" in fields and "report_errors" not in modifier.model_fields_set:
-                modifier.report_errors = True
-    return recipe
 
 
 def _modifiers_after_oneshot(recipe):
@@ -153,36 +135,35 @@ def oneshot_main(argv: list[str] | None = None) -> int:
     model_path = args.model if args.model is not None else _default_model()
     dataset_source = resolve_dataset(args.dataset)
 
-    import qep_modifier  # noqa: F401  (registers QEPModifier and FOEMModifier)
-    from llmcompressor import oneshot
+    from qep_modifier.workflow import calibration_windows, load_recipe, quantize
 
     recipe = load_recipe(args.recipe, report=not args.no_report)
 
     if isinstance(dataset_source, Path):
         from transformers import AutoTokenizer
 
-        from qep_modifier.evaluation import calibration_dataset, tokenize_text
-
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        ids = tokenize_text(tokenizer, dataset_source)
-        dataset = calibration_dataset(ids, args.num_samples, args.seq_len, args.seed)
+        dataset = calibration_windows(
+            tokenizer, dataset_source, args.num_samples, args.seq_len, args.seed
+        )
         print(
             f"qep-oneshot: {args.num_samples} windows of {args.seq_len} tokens from "
-            f"{dataset_source} ({ids.numel()} tokens, seed {args.seed})"
+            f"{dataset_source} (seed {args.seed})"
         )
+        quantize(model_path, recipe, dataset, output_dir=args.output)
     else:
-        dataset = dataset_source
-        print(f"qep-oneshot: calibration dataset {dataset!r} from the Hugging Face hub")
+        from llmcompressor import oneshot
 
-    oneshot(
-        model=str(model_path),
-        dataset=dataset,
-        recipe=recipe,
-        num_calibration_samples=args.num_samples,
-        max_seq_length=args.seq_len,
-        shuffle_calibration_samples=False,
-        output_dir=str(args.output),
-    )
+        print(f"qep-oneshot: calibration dataset {dataset_source!r} from the Hugging Face hub")
+        oneshot(
+            model=str(model_path),
+            dataset=dataset_source,
+            recipe=recipe,
+            num_calibration_samples=args.num_samples,
+            max_seq_length=args.seq_len,
+            shuffle_calibration_samples=False,
+            output_dir=str(args.output),
+        )
 
     print()
     fmt = _check_format(args.output)
@@ -208,40 +189,8 @@ def oneshot_main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- qep-eval
 
 
-def _load_causal_lm(path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
-
-
-def _write_png(rows, path: Path) -> bool:
-    if not _has_module("matplotlib"):
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [row["model"] for row in rows]
-    values = [row["perplexity"] for row in rows]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.5))
-    bars = ax.bar(range(len(rows)), values, color="tab:blue")
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"perplexity, {rows[0]['windows']} x {rows[0]['seq_len']} tokens")
-    for bar, value in zip(bars, values):
-        ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def _run_lm_eval(models, tasks, tokenizer) -> None:
@@ -330,13 +279,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from qep_modifier.evaluation import evaluation_windows, perplexity, tokenize_text
+    from qep_modifier.evaluation import tokenize_text
+    from qep_modifier.workflow import load_causal_lm, score, scoring_windows
 
     torch.set_grad_enabled(False)
     tokenizer_path = args.tokenizer or models[0][1]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     ids = tokenize_text(tokenizer, args.text)
-    windows = evaluation_windows(ids, args.seq_len, args.max_windows)
+    windows = scoring_windows(tokenizer, ids, args.seq_len, args.max_windows)
     print(
         f"qep-eval: {args.text} -> {ids.numel()} tokens, {windows.shape[0]} windows of "
         f"{args.seq_len} (tokenizer {tokenizer_path})"
@@ -344,8 +294,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     rows = []
     for label, path in models:
-        model = _load_causal_lm(path)
-        value = perplexity(model, windows, batch_size=args.batch_size, progress=True)
+        model = load_causal_lm(path)
+        value = score(model, windows, batch_size=args.batch_size)
         del model
         rows.append(
             {"model": label, "path": str(path), "perplexity": value,
@@ -368,7 +318,11 @@ def eval_main(argv: list[str] | None = None) -> int:
         writer.writerows(rows)
     print(f"\nwrote {args.csv}")
     args.png.parent.mkdir(parents=True, exist_ok=True)
-    if _write_png(rows, args.png):
+    from qep_modifier.workflow import bar_chart
+
+    title = f"perplexity, {rows[0]['windows']} x {rows[0]['seq_len']} tokens"
+    values = {"perplexity": [row["perplexity"] for row in rows]}
+    if bar_chart(args.png, [row["model"] for row in rows], values, title=title):
         print(f"wrote {args.png}")
     else:
         print("matplotlib is not installed: chart skipped (pip install -e '.[plot]')")

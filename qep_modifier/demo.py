@@ -46,8 +46,8 @@ def split_text(token_ids, seq_len: int):
 
 def _recipe_modifier(path: Path):
     """The recipe's single quantization modifier (QEPModifier or a subclass)."""
-    from qep_modifier.cli import load_recipe
     from qep_modifier.modifier import QEPModifier
+    from qep_modifier.workflow import load_recipe
 
     modifiers = list(load_recipe(path, report=False).modifiers)
     ours = [modifier for modifier in modifiers if isinstance(modifier, QEPModifier)]
@@ -108,17 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--text {args.text} does not exist")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    import qep_modifier  # noqa: F401  (registers QEPModifier)
-    from llmcompressor import oneshot
     from qep_modifier.default_model import default_model_path
-    from qep_modifier.evaluation import (
-        calibration_dataset,
-        evaluation_windows,
-        perplexity,
-        tokenize_text,
+    from qep_modifier.evaluation import tokenize_text
+    from qep_modifier.workflow import (
+        calibration_windows,
+        load_causal_lm,
+        quantize,
+        score,
+        scoring_windows,
     )
 
     recipe_name = type(_recipe_modifier(args.recipe)).__name__  # fails fast on a bad recipe
@@ -128,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     model_path = args.model or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     calibration_ids, evaluation_ids = split_text(tokenize_text(tokenizer, args.text), args.seq_len)
-    calibration = calibration_dataset(calibration_ids, args.num_samples, args.seq_len, args.seed)
-    windows = evaluation_windows(evaluation_ids, args.seq_len, args.eval_windows)
+    calibration = calibration_windows(tokenizer, calibration_ids, args.num_samples, args.seq_len, args.seed)
+    windows = scoring_windows(tokenizer, evaluation_ids, args.seq_len, args.eval_windows)
     print(f"qep-demo: {model_path.name}; calibration {args.num_samples} x {args.seq_len} tokens "
           f"(seed {args.seed}), evaluation {windows.shape[0]} x {args.seq_len} tokens, "
           f"from {args.text.name}", flush=True)
@@ -139,20 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[{step}/{len(runs)}] {label}", flush=True)
         start = time.perf_counter()
         if recipe is None:
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+            model = load_causal_lm(model_path)
         else:
-            extra = {"output_dir": str(args.output)} if isinstance(recipe, Path) else {}
-            model = oneshot(
-                model=str(model_path),
-                dataset=calibration,
-                recipe=str(recipe) if isinstance(recipe, Path) else recipe,
-                num_calibration_samples=args.num_samples,
-                max_seq_length=args.seq_len,
-                shuffle_calibration_samples=False,
-                **extra,
-            )
+            output = args.output if isinstance(recipe, Path) else None
+            model = quantize(model_path, recipe, calibration, output_dir=output)
         seconds = None if recipe is None else time.perf_counter() - start
-        ppl = perplexity(model.eval(), windows, progress=True)
+        ppl = score(model, windows)
         rows.append((label, ppl, seconds))
         print(f"[{step}/{len(runs)}] {label}: perplexity {ppl:.2f}", flush=True)
         del model
@@ -166,18 +157,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(rows: list[tuple[str, float, float | None]]) -> str:
     """Method, perplexity, share of stock GPTQ's gap recovered, calibration time."""
+    from qep_modifier.workflow import GAP_RECOVERED, gap_recovered
+
     fp = rows[0][1]
     gptq = rows[1][1] if len(rows) > 1 else None
     width = max(len("method"), *(len(label) for label, _, _ in rows))
     lines = [f"{'method':<{width}}  {'perplexity':>10}  {'gap recovered':>13}  {'calib s':>7}",
              "-" * (width + 38)]
     for index, (label, ppl, seconds) in enumerate(rows):
-        recovered = ""
-        if index >= 1 and gptq is not None and gptq > fp:
-            recovered = f"{(gptq - ppl) / (gptq - fp):.0%}"
+        recovered = gap_recovered(ppl, gptq, fp) if index >= 1 else None
+        recovered = "" if recovered is None else f"{recovered:.0%}"
         timing = "" if seconds is None else f"{seconds:.0f}"
         lines.append(f"{label:<{width}}  {ppl:>10.2f}  {recovered:>13}  {timing:>7}")
-    lines.append("gap recovered = (ppl_stock_gptq - ppl) / (ppl_stock_gptq - ppl_fp)")
+    lines.append(GAP_RECOVERED)
     return "\n".join(lines)
 
 

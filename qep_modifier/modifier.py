@@ -61,10 +61,9 @@ from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from qep_modifier.capture import (
     LayerPass,
+    LayerStreams,
     RecordedCalls,
-    ReplayOutputs,
     SkippedCalibration,
-    first_tensor,
     split_hidden,
 )
 from qep_modifier.correction import (
@@ -75,7 +74,7 @@ from qep_modifier.correction import (
     resolve_propagation_strength,
 )
 from qep_modifier.gptq_sweep import quantize_weight_first_order
-from qep_modifier.plan import Group, expert_role, plan_layer, plan_subgraph
+from qep_modifier.plan import Group, LayerPlan, expert_role, plan_layer, plan_subgraph
 from qep_modifier.statistics import LinearStatistics, accumulate_batch
 
 __all__ = ["QEPModifier", "FOEMModifier", "DEFAULT_PROPAGATION_STRENGTH"]
@@ -376,124 +375,65 @@ class QEPModifier(GPTQModifier):
         ``propagate`` (the next layer of the same subgraph needs them)."""
         num_batches = self._calls.num_batches(layer)
         if num_batches == 0:
-            raise RuntimeError(
-                f"QEP: {self._layer_names[layer]} was not called during calibration"
-            )
+            raise RuntimeError(f"QEP: {self._layer_names[layer]} was not called during calibration")
         linears = [module for module in self._targets if self._layer_of.get(module) is layer]
-        quantized = partial(self._batches, layer, quantized_hidden)
-        # the full-precision stream (the first layer's is its recorded input)
-        full_precision = partial(self._batches, layer, self._full_precision_stream)
-        index = self._layers.index(layer)
-        stream_needed = index < self._last_paired_layer
         todo = [module for module in linears if module not in self._quantized]
+        calls = partial(self._recorded_calls, layer)
         with torch.no_grad(), disable_offloading():
-            if not todo:
-                self._full_precision_pass(layer, linears, full_precision, (), None, stream_needed)
-                return self._propagate(layer, linears, quantized) if propagate else None
-
-            with LayerPass(self, layer, linears, capture=todo) as traced:
-                traced.run(*next(quantized()))
-            plan = plan_layer(
-                traced.trace,
-                todo,
-                role=lambda module: expert_role(self._module_names[module]),
-                paired=self._needs_pairs,
-                true_sequential=self.true_sequential,
+            plan = self._plan_layer(layer, linears, todo, calls, quantized_hidden)
+            streams = LayerStreams(
+                self,
+                layer,
+                linears,
+                calls,
+                quantized_hidden=quantized_hidden,
+                full_precision_hidden=self._full_precision_stream,
+                plan=plan,
+                final=[module for module in linears if module not in todo],
+                stream_needed=self._layers.index(layer) < self._last_paired_layer,
+                cache_full_precision=self.cache_full_precision_inputs,
+                resume=self.resume_replays,
+                offload_device=self.stream_offload_device,
             )
-            paired = plan.paired_modules if self.cache_full_precision_inputs else ()
-            stop = None if stream_needed else plan.full_precision_stop
-            full_precision_inputs = self._full_precision_pass(
-                layer, linears, full_precision, paired, stop, stream_needed
-            )
-            if self.cache_full_precision_inputs:
-                full_precision = None  # the layer's full-precision input is not read again
-            replay = (
-                ReplayOutputs(layer, linears, self.stream_offload_device)
-                if self.resume_replays
-                else None
-            )
-            original_weights: dict[torch.nn.Module, torch.Tensor] = {}
+            self._full_precision_stream = None  # the streams own it now
             progress = tqdm(
                 total=len(plan.groups) * num_batches,
                 desc=f"QEP {self._layer_names[layer]}",
                 leave=False,
             )
-            for number, group in enumerate(plan.groups):
-                later_paired = any(g.paired for g in plan.groups[number + 1 :])
-                statistics = self._group_statistics(
-                    layer,
-                    linears,
-                    group,
-                    quantized,
-                    full_precision,
-                    full_precision_inputs,
-                    original_weights,
-                    replay,
-                    keep_outputs=number < len(plan.groups) - 1,
-                    progress=progress,
-                )
-                if later_paired and not self.cache_full_precision_inputs:
-                    for module in group.modules:
-                        original_weights[module] = module.weight.detach().to(
-                            self.stream_offload_device or module.weight.device, copy=True
-                        )
+            for group in plan.groups:
+                statistics = self._empty_statistics(group)
+                for quantized, full_precision in streams.inputs(group):
+                    accumulate_batch(statistics, quantized, full_precision)
+                    progress.update(1)
+                streams.quantizing(group)
                 self._quantize_group(list(group.modules), statistics)
             progress.close()
-            return self._propagate(layer, linears, quantized) if propagate else None
+            self._full_precision_stream = streams.finish()
+            return streams.propagate() if propagate else None
 
-    def _batches(self, layer, hidden_states: list[torch.Tensor] | None):
-        """``(batch, args, kwargs, hidden)`` of ``layer``'s recorded calls, with
-        ``hidden_states[batch]`` as the hidden state (``None``: the recorded one)."""
+    def _recorded_calls(self, layer: torch.nn.Module):
         for batch in range(self._calls.num_batches(layer)):
-            args, kwargs = self._calls.fetch(layer, batch)
-            hidden = None
-            if hidden_states is not None:
-                hidden = hidden_states[batch].to(split_hidden(args, kwargs)[0].device)
-            yield batch, args, kwargs, hidden
+            yield (batch, *self._calls.fetch(layer, batch))
 
-    def _full_precision_pass(
-        self, layer, linears, batches, capture, stop, stream_needed
-    ) -> list[dict[torch.nn.Module, list[torch.Tensor]]]:
-        """Run ``layer`` on the full-precision stream with its original weights:
-        the inputs of ``capture`` per batch, and the next layer's full-precision
-        input when ``stream_needed``."""
-        if not capture and not stream_needed:
-            self._full_precision_stream = None
-            return []
-        captured, stream = [], []
-        with LayerPass(
-            self,
-            layer,
-            linears,
-            capture=capture,
-            stop=None if stream_needed else stop,
-            offload_device=self.stream_offload_device,
-        ) as full_precision:
-            for batch, args, kwargs, hidden in batches():
-                inputs, output = full_precision.run(batch, args, kwargs, hidden)
-                captured.append(inputs)
-                if stream_needed:
-                    hidden_out = first_tensor(output)
-                    stream.append(hidden_out.to(self.stream_offload_device or hidden_out.device))
-        self._full_precision_stream = stream if stream_needed else None
-        return captured
+    def _plan_layer(self, layer, linears, todo, calls, quantized_hidden) -> LayerPlan:
+        """Trace the layer on its first batch and group ``todo`` from the trace."""
+        if not todo:
+            return LayerPlan(groups=(), call_order={})
+        batch, args, kwargs = next(calls())
+        hidden = None if quantized_hidden is None else quantized_hidden[batch]
+        with LayerPass(self, layer, linears, capture=todo) as traced:
+            traced.run(batch, args, kwargs, hidden)
+        return plan_layer(
+            traced.trace,
+            todo,
+            role=lambda module: expert_role(self._module_names[module]),
+            paired=self._needs_pairs,
+            true_sequential=self.true_sequential,
+        )
 
-    def _group_statistics(
-        self,
-        layer,
-        linears,
-        group: Group,
-        quantized_batches,
-        full_precision_batches,
-        full_precision_inputs,
-        original_weights,
-        replay,
-        keep_outputs: bool,
-        progress,
-    ) -> dict[torch.nn.Module, LinearStatistics]:
-        """The group's statistics over every batch: its quantized-stream inputs
-        from a replay, paired with its full-precision inputs."""
-        statistics = {
+    def _empty_statistics(self, group: Group) -> dict[torch.nn.Module, LinearStatistics]:
+        return {
             module: LinearStatistics.empty(
                 module,
                 get_execution_device(module),
@@ -503,54 +443,6 @@ class QEPModifier(GPTQModifier):
             )
             for module in group.modules
         }
-        final = [module for module in linears if module in self._quantized]
-        with contextlib.ExitStack() as stack:
-            quantized = stack.enter_context(
-                LayerPass(
-                    self,
-                    layer,
-                    linears,
-                    capture=group.modules,
-                    stop=group.stop,
-                    replay=replay,
-                    final=final,
-                    keep_outputs=keep_outputs,
-                )
-            )
-            replayed_full_precision = None
-            if group.paired and not self.cache_full_precision_inputs:
-                replayed_full_precision = stack.enter_context(
-                    LayerPass(
-                        self,
-                        layer,
-                        linears,
-                        capture=group.modules,
-                        stop=group.stop,
-                        weights={m: w for m, w in original_weights.items()},
-                    )
-                )
-            full_precision_calls = full_precision_batches() if full_precision_batches else None
-            for batch, args, kwargs, hidden in quantized_batches():
-                captured, _ = quantized.run(batch, args, kwargs, hidden)
-                full_precision = None
-                if replayed_full_precision is not None:
-                    inputs, _ = replayed_full_precision.run(*next(full_precision_calls))
-                    full_precision = group.inputs(inputs)
-                elif group.paired and full_precision_inputs:
-                    full_precision = group.inputs(full_precision_inputs[batch])
-                accumulate_batch(statistics, group.inputs(captured), full_precision)
-                progress.update(1)
-        return statistics
-
-    def _propagate(self, layer, linears, batches) -> list[torch.Tensor]:
-        """The quantized layer's output for each batch (the next layer's input)."""
-        outputs = []
-        with LayerPass(self, layer, linears) as plain:
-            for batch, args, kwargs, hidden in batches():
-                _, output = plain.run(batch, args, kwargs, hidden)
-                hidden_out = first_tensor(output)
-                outputs.append(hidden_out.to(self.stream_offload_device or hidden_out.device))
-        return outputs
 
     def _check_propagated_input(self, layer: torch.nn.Module) -> None:
         """Refuse ``propagate_error=False``: the pipeline then feeds each layer the

@@ -151,3 +151,21 @@ def save_tiny_qwen3_moe(folder: Path, seed: int = 0, unrouted_experts: bool = Fa
     model.save_pretrained(folder)
     word_level_tokenizer(config.vocab_size).save_pretrained(folder)
     return folder
+
+
+def inputs_of(model, names, input_ids: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """What ``model`` feeds each named module (its first argument), one tensor
+    per sample of ``input_ids``."""
+    captured = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, name=name: captured[name].append(args[0].clone())
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        for row in input_ids:
+            model(input_ids=row[None])
+    for handle in handles:
+        handle.remove()
+    return captured

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.models import VOCAB_SIZE, save_tiny_llama
-from qep_modifier import cli
+from qep_modifier import cli, workflow
 from qep_modifier.cli import eval_main, format_report, oneshot_main, resolve_dataset
 
 from tests.models import REPO
@@ -80,7 +80,7 @@ def test_oneshot_saves_packed_checkpoint_and_prints_report(quantized):
 def test_eval_table_and_csv(quantized, workspace, tmp_path, capsys, monkeypatch):
     root, model, _, heldout = workspace
     output, _ = quantized
-    monkeypatch.setattr(cli, "_write_png", lambda rows, path: False)  # no matplotlib needed
+    monkeypatch.setattr(workflow, "bar_chart", lambda *args, **kwargs: False)  # no matplotlib needed
     code = eval_main(
         [
             "fp", str(output),
@@ -118,7 +118,7 @@ def test_eval_lm_eval_calls_simple_evaluate(workspace, tmp_path, capsys, monkeyp
 
     monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
     monkeypatch.setattr(cli, "_has_module", lambda name: True)
-    monkeypatch.setattr(cli, "_write_png", lambda rows, path: False)
+    monkeypatch.setattr(workflow, "bar_chart", lambda *args, **kwargs: False)
     eval_main(
         [
             str(model), "--text", str(heldout), "--seq-len", "64", "--max-windows", "1",

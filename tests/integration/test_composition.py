@@ -9,7 +9,7 @@ from pydantic import PrivateAttr
 
 from qep_modifier import QEPModifier
 from tests.conftest import NUM_SAMPLES
-from tests.models import group_scheme, load_model, quantize
+from tests.models import group_scheme, inputs_of, load_model, quantize
 
 WEIGHTS = group_scheme(3, 32)["group_0"]["weights"]
 QEP_TARGETS = ["re:.*(q|k|v|o|gate|up)_proj$"]
@@ -59,23 +59,6 @@ class LayerInputCache(Modifier):
         self.remove_hooks()
 
 
-def _layer_inputs(model, input_ids):
-    """Each decoder layer's input when ``model`` runs each sample."""
-    seen = {}
-    handles = [
-        layer.register_forward_pre_hook(
-            lambda module, args, index=index: seen.setdefault(index, []).append(args[0].clone())
-        )
-        for index, layer in enumerate(model.model.layers)
-    ]
-    with torch.no_grad():
-        for row in input_ids:
-            model(input_ids=row[None])
-    for handle in handles:
-        handle.remove()
-    return seen
-
-
 @pytest.mark.parametrize("pipeline", ["sequential", "independent"])
 def test_other_modifiers_see_each_batch_once(tiny_llama, calibration, pipeline):
     qep = QEPModifier(
@@ -87,14 +70,15 @@ def test_other_modifiers_see_each_batch_once(tiny_llama, calibration, pipeline):
 
     input_ids = torch.tensor(calibration["input_ids"])
     # what the quantized model feeds each layer: the quantized stream
-    quantized_stream = _layer_inputs(model, input_ids)
+    layers = [f"model.layers.{index}" for index in range(3)]
+    quantized_stream = inputs_of(model, layers, input_ids)
     original = load_model(tiny_llama)
     for index in range(3):
         # the layer-input cache saw each batch once, and only the quantized stream
         # (in the shared pass: not QEP's full-precision pass nor its replays)
         recorded = cache._inputs[index]
         assert len(recorded) == NUM_SAMPLES, (pipeline, index)
-        for got, expected in zip(recorded, quantized_stream[index]):
+        for got, expected in zip(recorded, quantized_stream[layers[index]]):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
         # GPTQModifier's down_proj saw each batch once; its Hessian is the sum
@@ -107,7 +91,7 @@ def test_other_modifiers_see_each_batch_once(tiny_llama, calibration, pipeline):
         down_inputs = []
         reference = original if pipeline == "sequential" else model
         layer = reference.model.layers[index]
-        feeds = iter(quantized_stream[index])
+        feeds = iter(quantized_stream[layers[index]])
         handles = [
             # the original model, its layer fed the quantized stream instead
             layer.register_forward_pre_hook(lambda module, args: (next(feeds), *args[1:])),

@@ -12,6 +12,7 @@ from tests.conftest import NUM_SAMPLES, SEQ_LEN
 from tests.models import (
     REPO,
     group_scheme,
+    inputs_of,
     load_model,
     logits,
     quantize,
@@ -85,23 +86,6 @@ def _by_name(model, seen):
     return by_name
 
 
-def _inputs_of(model, names, input_ids):
-    """What ``model`` feeds each named Linear, one tensor per sample."""
-    captured = {name: [] for name in names}
-    handles = [
-        model.get_submodule(name).register_forward_hook(
-            lambda module, args, output, name=name: captured[name].append(args[0].clone())
-        )
-        for name in names
-    ]
-    with torch.no_grad():
-        for row in input_ids:
-            model(input_ids=row[None])
-    for handle in handles:
-        handle.remove()
-    return captured
-
-
 def test_streams_are_what_the_fp_and_the_quantized_model_feed(
     tiny_llama, calibration, accumulated
 ):
@@ -113,8 +97,8 @@ def test_streams_are_what_the_fp_and_the_quantized_model_feed(
         f"model.layers.2.{part}"
         for part in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
     ]
-    full_precision = _inputs_of(load_model(tiny_llama), names, input_ids)
-    final = _inputs_of(quantized_model, names, input_ids)
+    full_precision = inputs_of(load_model(tiny_llama), names, input_ids)
+    final = inputs_of(quantized_model, names, input_ids)
     for name in names:
         # each module is accumulated once per batch: from its group's replay
         assert len(seen[name]) == NUM_SAMPLES
@@ -138,7 +122,7 @@ def test_uncorrected_group_is_replayed_on_the_quantized_stream_only(
     assert all(full is None for _, full in seen[f"{layer}.mlp.down_proj"])
     assert all(len(full) == 1 for _, full in seen[f"{layer}.mlp.up_proj"])
     name = f"{layer}.mlp.down_proj"
-    final = _inputs_of(quantized_model, [name], torch.tensor(calibration["input_ids"]))
+    final = inputs_of(quantized_model, [name], torch.tensor(calibration["input_ids"]))
     for sample, (quantized_inputs, _) in enumerate(seen[name]):
         torch.testing.assert_close(quantized_inputs[0], final[name][sample], rtol=1e-4, atol=1e-5)
 

@@ -270,3 +270,72 @@ def test_hidden_state_helpers():
     assert first_tensor((hidden, None)) is hidden and first_tensor(hidden) is hidden
     with pytest.raises(TypeError, match="hidden state"):
         first_tensor({"x": hidden})
+
+
+def _plan(layer, hidden, paired):
+    from qep_modifier.plan import plan_layer
+
+    with LayerPass(Owner(), layer, _linears(layer), capture=_linears(layer)) as traced:
+        traced.run(0, (hidden,), {})
+    names = {module: name for name, module in layer.named_modules()}
+    return plan_layer(
+        traced.trace, _linears(layer), role=lambda m: names[m], paired=lambda m: names[m] in paired
+    )
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("resume", [True, False])
+def test_layer_streams_feed_each_group_both_streams(cache, resume):
+    from qep_modifier.capture import LayerStreams
+
+    layer, original = _layer(), _layer()
+    quantized_hidden = [torch.randn(1, 3, WIDTH) for _ in range(2)]
+    full_precision_hidden = [h + 0.1 * torch.randn(1, 3, WIDTH) for h in quantized_hidden]
+    calls = RecordedCalls(None)
+    for hidden in quantized_hidden:
+        calls.record(layer, (hidden,), {"scale": 0.5})
+    plan = _plan(layer, quantized_hidden[0], paired={"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate"})
+    streams = LayerStreams(
+        Owner(), layer, _linears(layer),
+        lambda: ((b, *calls.fetch(layer, b)) for b in range(2)),
+        quantized_hidden=None, full_precision_hidden=list(full_precision_hidden), plan=plan,
+        stream_needed=True, cache_full_precision=cache, resume=resume, offload_device="cpu",
+    )
+    names = {module: name for name, module in layer.named_modules()}
+    for number, group in enumerate(plan.groups):
+        members = [names[m] for m in group.modules]
+        # what a fresh model gives: this layer as it is now (earlier groups
+        # changed below) on the quantized stream, the original on the other
+        expected_quantized = {name: [] for name in members}
+        expected_full = {name: [] for name in members}
+        for hidden, fp_hidden in zip(quantized_hidden, full_precision_hidden):
+            for model, feed, expected in ((layer, hidden, expected_quantized), (original, fp_hidden, expected_full)):
+                handles = [
+                    model.get_submodule(name).register_forward_pre_hook(
+                        lambda module, args, name=name, expected=expected: expected[name].append(args[0])
+                    )
+                    for name in members
+                ]
+                with torch.no_grad():
+                    model(feed, scale=0.5)
+                for handle in handles:
+                    handle.remove()
+        seen = list(streams.inputs(group))
+        assert len(seen) == 2
+        for batch, (x_q, x) in enumerate(seen):
+            for module in group.modules:
+                torch.testing.assert_close(x_q[module][0], expected_quantized[names[module]][batch])
+                if group.paired:
+                    torch.testing.assert_close(x[module][0], expected_full[names[module]][batch])
+                else:
+                    assert x is None
+        streams.quantizing(group)
+        with torch.no_grad():  # "quantize" the group: its weights change
+            for module in group.modules:
+                module.weight.add_(0.05 * torch.randn_like(module.weight))
+    next_stream = streams.finish()
+    with torch.no_grad():
+        for fp_hidden, got in zip(full_precision_hidden, next_stream):
+            torch.testing.assert_close(got, original(fp_hidden, scale=0.5))
+        for hidden, got in zip(quantized_hidden, streams.propagate()):
+            torch.testing.assert_close(got, layer(hidden, scale=0.5))
