@@ -107,6 +107,16 @@ METHODS = {
         {},
         "QEP, full-precision stream replayed, not cached (same numbers, less memory)",
     ),
+    "qep_no_resume": (
+        _qep(resume_replays=False),
+        {},
+        "QEP, replays recompute from the layer input (same numbers, less memory)",
+    ),
+    "qep_lean": (
+        _qep(cache_full_precision_inputs=False, resume_replays=False),
+        {},
+        "QEP, neither cache nor resume (same numbers, least memory)",
+    ),
     **{
         f"foem_b{beta}": (_qep(propagation_strength=0.0, first_order_strength=beta), {}, f"FOEM beta {beta}")
         for beta in (0.05, 0.2)

@@ -130,14 +130,19 @@ def oneshot_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not args.recipe.is_file():
-        raise SystemExit(f"--recipe {args.recipe} does not exist")
-    model_path = args.model if args.model is not None else _default_model()
+    from qep_modifier.workflow import one_line_errors
+
+    with one_line_errors("qep-oneshot"):
+        return _oneshot(args)
+
+
+def _oneshot(args) -> int:
+    from qep_modifier.workflow import calibration_windows, check_recipe_fits, load_recipe, quantize
+
+    recipe = load_recipe(args.recipe, report=not args.no_report)  # before any model is loaded
     dataset_source = resolve_dataset(args.dataset)
-
-    from qep_modifier.workflow import calibration_windows, load_recipe, quantize
-
-    recipe = load_recipe(args.recipe, report=not args.no_report)
+    model_path = args.model if args.model is not None else _default_model()
+    check_recipe_fits(model_path, recipe)
 
     if isinstance(dataset_source, Path):
         from transformers import AutoTokenizer

@@ -25,6 +25,7 @@ modifier calibrating in the same pass sees each batch once.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -32,17 +33,16 @@ from typing import Literal
 
 import torch
 from compressed_tensors.offload import disable_offloading
-from compressed_tensors.offload.dist_utils import is_distributed
-from compressed_tensors.offload.dist_utils import is_source_process as is_src
 from compressed_tensors.quantization import QuantizationType, fake_quantize
 from compressed_tensors.utils import (
     get_execution_device,
     getattr_chain,
     match_named_modules,
+    patch_attr,
     update_offload_parameter,
 )
 from loguru import logger
-from pydantic import PrivateAttr, field_validator
+from pydantic import PrivateAttr, field_validator, model_validator
 from tqdm import tqdm
 
 from llmcompressor.core import Event, State, active_session
@@ -53,9 +53,8 @@ from llmcompressor.modifiers.gptq.helpers import (
     prepare_batch,
     update_batch_qparams,
 )
-from llmcompressor.modifiers.quantization.calibration import observe, update_qparams
+from llmcompressor.modifiers.quantization.calibration import observe
 from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
-from llmcompressor.observers import ACTIVATION_OBS
 from llmcompressor.utils.metric_logging import CompressionLogger
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
@@ -73,8 +72,17 @@ from qep_modifier.correction import (
     relative_output_error,
     resolve_propagation_strength,
 )
+from qep_modifier.distributed import (
+    assign_owners,
+    check_distinct_shards,
+    gather,
+    publish,
+    rank,
+    reduce_statistics,
+    shared,
+)
 from qep_modifier.gptq_sweep import quantize_weight_first_order
-from qep_modifier.plan import Group, LayerPlan, expert_role, plan_layer, plan_subgraph
+from qep_modifier.plan import Group, LayerPlan, TraceCall, expert_role, plan_layer, plan_subgraph
 from qep_modifier.statistics import LinearStatistics, accumulate_batch
 
 __all__ = ["QEPModifier", "FOEMModifier", "DEFAULT_PROPAGATION_STRENGTH"]
@@ -103,6 +111,16 @@ _PROBLEMS = {
     "rtn_fallback": "GPTQ's Hessian inversion failed and they were rounded to nearest "
     "(raise dampening_frac or use more calibration samples)",
 }
+
+
+# the fields a recipe sets (error messages list them)
+_RECIPE_FIELDS = (
+    "targets", "ignore", "scheme", "config_groups", "weight_observer", "actorder",
+    "block_size", "dampening_frac", "propagation_strength", "correction_damping",
+    "base", "true_sequential", "first_order_strength", "first_order_reach",
+    "stream_offload_device", "cache_full_precision_inputs", "resume_replays",
+    "report_errors",
+)
 
 
 class QEPModifier(GPTQModifier):
@@ -197,6 +215,10 @@ class QEPModifier(GPTQModifier):
     _skipped_input: torch.Tensor | None = PrivateAttr(default=None)
     _quantized: set[torch.nn.Module] = PrivateAttr(default_factory=set)
     _problems: dict[str, list[str]] = PrivateAttr(default_factory=dict)
+    # report rows by module name (on the rank that quantized it), and the order
+    # every rank quantized them in
+    _report_rows: dict[str, dict] = PrivateAttr(default_factory=dict)
+    _report_order: list[str] = PrivateAttr(default_factory=list)
     _error_report: list[dict] = PrivateAttr(default_factory=list)
 
     @property
@@ -211,6 +233,23 @@ class QEPModifier(GPTQModifier):
         return {reason: list(names) for reason, names in self._problems.items()}
 
     # ------------------------------------------------------------ validation
+    @model_validator(mode="before")
+    @classmethod
+    def _check_field_names(cls, values):
+        """A misspelled field gets its name, the closest field and the list."""
+        if not isinstance(values, Mapping):
+            return values
+        known = set(cls.model_fields)
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(
+                    f"{cls.__name__} has no field {key!r}{hint}; its fields: "
+                    + ", ".join(_RECIPE_FIELDS)
+                )
+        return values
+
     @field_validator("propagation_strength", mode="before")
     @classmethod
     def _check_propagation_strength(cls, value):
@@ -253,14 +292,16 @@ class QEPModifier(GPTQModifier):
 
     # ------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs) -> bool:
-        if is_distributed():
-            raise NotImplementedError(
-                "QEPModifier does not support torch.distributed calibration yet: "
-                "run oneshot in a single process (offloading works there)"
-            )
-        super().on_initialize(state, **kwargs)
+        # the toolkit's own divisibility check lists every module; QEP's says
+        # which widths do not fit and which group sizes would (it also catches
+        # modules narrower than a group, which the toolkit lets through)
+        with patch_attr(self, "bypass_divisibility_checks", True):
+            super().on_initialize(state, **kwargs)
         self._check_weight_only_int()
-        self._check_group_sizes()
+        self.check_group_sizes(
+            (name, module) for module, name in self._module_names.items()
+        )
+        check_distinct_shards(kwargs.get("calib_data"))
         self._check_calibration_size(kwargs.get("calib_data"))
 
         sequential_targets = infer_sequential_targets(
@@ -297,6 +338,7 @@ class QEPModifier(GPTQModifier):
                 "`ignore` and the scheme in the recipe"
             )
         self._error_report, self._problems, self._quantized = [], {}, set()
+        self._report_rows, self._report_order = {}, []
         self._full_precision_stream, self._skipped_input = None, None
         paired_layers = [
             self._layers.index(self._layer_of[module])
@@ -346,10 +388,16 @@ class QEPModifier(GPTQModifier):
                 self._calls.drop(layer)
         outside = [module for module in subgraph.outside if module not in self._quantized]
         if outside:
-            statistics = {m: self._outside_statistics.pop(m) for m in outside if m in self._outside_statistics}
-            for module in outside:
-                if self._strengths.get(module, 0.0) > 0.0:
-                    self._note("outside", module)
+            statistics = {
+                module: self._outside_statistics.pop(module, None)
+                or LinearStatistics.empty(module, get_execution_device(module))
+                for module in outside
+            }
+            reduce_statistics(statistics, outside)
+            if rank() == 0:
+                for module in outside:
+                    if self._strengths.get(module, 0.0) > 0.0:
+                        self._note("outside", module)
             self._quantize_group(outside, statistics)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
@@ -359,7 +407,16 @@ class QEPModifier(GPTQModifier):
             self._calls.clear()
 
     def on_finalize(self, state: State, **kwargs) -> bool:
-        self._warn_problems()
+        # every rank's report rows and problems, then one summary (rank 0)
+        rows = {name: row for part in gather(self._report_rows) for name, row in part.items()}
+        self._error_report = [rows[name] for name in self._report_order if name in rows]
+        problems: dict[str, list[str]] = {}
+        for part in gather(self._problems):
+            for reason, names in part.items():
+                problems.setdefault(reason, []).extend(n for n in names if n not in problems[reason])
+        self._problems = problems
+        if rank() == 0:
+            self._warn_problems()
         self._calls, self._full_precision_stream, self._skipped_input = None, None, None
         self._outside_statistics, self._quantized = {}, set()
         return super().on_finalize(state, **kwargs)
@@ -406,7 +463,8 @@ class QEPModifier(GPTQModifier):
                 for quantized, full_precision in streams.inputs(group):
                     accumulate_batch(statistics, quantized, full_precision)
                     progress.update(1)
-                streams.quantizing(group)
+                streams.quantizing(group)  # before any rank's owner writes a weight
+                reduce_statistics(statistics, group.modules)  # sums over ranks
                 self._quantize_group(list(group.modules), statistics)
             progress.close()
             self._full_precision_stream = streams.finish()
@@ -424,8 +482,13 @@ class QEPModifier(GPTQModifier):
         hidden = None if quantized_hidden is None else quantized_hidden[batch]
         with LayerPass(self, layer, linears, capture=todo) as traced:
             traced.run(batch, args, kwargs, hidden)
+        # every rank plans from rank 0's trace, in a form that crosses processes
+        index, keys = {module: i for i, module in enumerate(linears)}, {}
+        trace = shared(
+            [(index[call.module], keys.setdefault(call.input_key, len(keys))) for call in traced.trace]
+        )
         return plan_layer(
-            traced.trace,
+            [TraceCall(linears[i], key) for i, key in trace],
             todo,
             role=lambda module: expert_role(self._module_names[module]),
             paired=self._needs_pairs,
@@ -483,28 +546,55 @@ class QEPModifier(GPTQModifier):
         statistics: Mapping[torch.nn.Module, LinearStatistics],
     ) -> None:
         """Correct, observe and quantize ``modules``; round to nearest those that
-        saw no token."""
+        saw no token. Under torch.distributed each unit (a GPTQ batch of
+        same-shape modules as one process forms it, or a module without tokens)
+        is done by one owner rank, then published to all."""
         modules = [m for m in modules if m not in self._quantized]
         fed = [m for m in modules if m in statistics and statistics[m].tokens > 0]
-        self._round_to_nearest([m for m in modules if m not in fed], reason="uncalibrated")
-        if not fed:
+        self._report_order += [
+            self._module_names[m] for m in fed if statistics[m].full_precision_gram is not None
+        ]
+        units = self._sweep_batches(fed) + [[m] for m in modules if m not in fed]
+        owners = assign_owners(units)
+        mine = [unit for unit, owner in zip(units, owners) if owner == rank()]
+        self._round_to_nearest(
+            [m for unit in mine for m in unit if m not in fed], reason="uncalibrated"
+        )
+        self._correct_and_quantize([unit for unit in mine if unit[0] in fed], statistics)
+        publish(modules, {m: owner for unit, owner in zip(units, owners) for m in unit})
+        self._quantized.update(modules)
+
+    def _sweep_batches(self, modules: list[torch.nn.Module]) -> list[list[torch.nn.Module]]:
+        """GPTQ's batches of same-shape modules, formed once (rank 0's, which may
+        depend on its free accelerator memory) so every rank sweeps the same."""
+        batches = assign_batches(modules, self.batched_quantization, self.block_size)
+        index = {module: i for i, module in enumerate(modules)}
+        shape = shared([[index[module] for module in batch] for batch in batches])
+        return [[modules[i] for i in batch] for batch in shape]
+
+    def _correct_and_quantize(
+        self,
+        batches: list[list[torch.nn.Module]],
+        statistics: Mapping[torch.nn.Module, LinearStatistics],
+    ) -> None:
+        modules = [module for batch in batches for module in batch]
+        if not modules:
             return
         with torch.no_grad(), disable_offloading():
             report = {}
-            for module in fed:
+            for module in modules:
                 stats = statistics[module]
                 if stats.full_precision_gram is not None:
                     report[module] = (module.weight.detach().clone(), *stats.normalised())
-            for module in fed:
+            for module in modules:
                 self._apply_correction(module, statistics[module])
             corrected = {module: module.weight.detach().clone() for module in report}
-            observe(fed, base_name="weight")
-            self.sync_obs_act_stats(fed)
-            update_qparams(fed, ACTIVATION_OBS, only_update_onload=not is_src())
+            observe(modules, base_name="weight")  # weight-only: no activation observers
             if self.base == "rtn":
-                self._round_to_nearest(fed)
+                self._round_to_nearest(modules)
             else:
-                self.compress_module_list(fed, statistics)
+                for batch in batches:
+                    self._sweep(batch, statistics)
             for module, (weight, hessian, cross_term, gram) in report.items():
                 errors = {
                     label: relative_output_error(weight, candidate, gram, cross_term, hessian)
@@ -516,7 +606,8 @@ class QEPModifier(GPTQModifier):
                 }
                 if self._strengths.get(module, 0.0) == 0.0:
                     errors["corrected"] = None
-                self._error_report.append({"name": self._module_names[module], **errors})
+                name = self._module_names[module]
+                self._report_rows[name] = {"name": name, **errors}
 
     def _apply_correction(self, module: torch.nn.Module, stats: LinearStatistics) -> None:
         strength = self._strengths.get(module, 0.0)
@@ -542,17 +633,24 @@ class QEPModifier(GPTQModifier):
             return
         update_offload_parameter(module, "weight", weight)
 
-    def compress_module_list(self, module_list, statistics=None):
-        """The GPTQ sweep on each module, with FOEM's term when ``beta > 0``.
+    def _sweep(
+        self,
+        batch: list[torch.nn.Module],
+        statistics: Mapping[torch.nn.Module, LinearStatistics],
+    ) -> None:
+        """The GPTQ sweep on one batch of same-shape modules, with FOEM's term
+        when ``beta > 0``.
 
-        Forked from llm-compressor 0.14.0.1 ``GPTQModifier.compress_module_list``.
-        Differs in: the Hessians and sample counts come from ``statistics``
+        Forked from the loop body of llm-compressor 0.14.0.1
+        ``GPTQModifier.compress_module_list``. Differs in: the Hessians and sample
+        counts come from ``statistics``
         (:class:`~qep_modifier.statistics.LinearStatistics`, never the
-        modifier's private ``_hessians`` / ``_num_samples``); the sweep is
-        :func:`~qep_modifier.gptq_sweep.quantize_weight_first_order` when
-        ``first_order_strength > 0`` (with 0, the toolkit's ``quantize_weight``
-        as upstream); round-to-nearest fallbacks go to the summary of
-        :meth:`on_finalize`.
+        modifier's private ``_hessians`` / ``_num_samples``); the batch is given
+        (formed by :meth:`_sweep_batches`, the toolkit's ``assign_batches``);
+        the sweep is :func:`~qep_modifier.gptq_sweep.quantize_weight_first_order`
+        when ``first_order_strength > 0`` (with 0, the toolkit's
+        ``quantize_weight`` as upstream); round-to-nearest fallbacks go to the
+        summary of :meth:`on_finalize`.
         """
         sweep = quantize_weight
         if self.first_order_strength > 0:
@@ -561,39 +659,37 @@ class QEPModifier(GPTQModifier):
                 first_order_strength=self.first_order_strength,
                 first_order_reach=self.first_order_reach,
             )
-        for batch in assign_batches(module_list, self.batched_quantization, self.block_size):
-            quant_args = getattr_chain(batch[0], "quantization_scheme.weights")
-            qparams = [module.weight_observer.get_qparams() for module in batch]
-            names = [self._module_names[module] for module in batch]
-            logger.info(f"QEP: quantizing {names}")
-            with contextlib.ExitStack() as loggers:
-                weights, hessians, scales, zero_points, global_scales = prepare_batch(
-                    batch,
-                    qparams,
-                    {module: statistics[module].hessian for module in batch},
-                    {module: statistics[module].num_samples for module in batch},
-                )
-                metric_loggers = [
-                    loggers.enter_context(CompressionLogger(module)) for module in batch
-                ]
-                quantized, losses, fell_back = sweep(
-                    weights=weights,
-                    hessians=hessians,
-                    scale=scales,
-                    zero_point=zero_points,
-                    global_scale=global_scales,
-                    quant_args=quant_args,
-                    blocksize=self.block_size,
-                    percdamp=self.dampening_frac,
-                )
-                for index, metric_logger in enumerate(metric_loggers):
-                    metric_logger.set_results(name="QEP", loss=losses[index].item())
-                    if fell_back[index].item():
-                        self._note("rtn_fallback", batch[index])
-            update_batch_qparams(
-                batch, quantized, scales, zero_points, global_scales, quant_args
+        quant_args = getattr_chain(batch[0], "quantization_scheme.weights")
+        qparams = [module.weight_observer.get_qparams() for module in batch]
+        names = [self._module_names[module] for module in batch]
+        logger.info(f"QEP: quantizing {names}")
+        with contextlib.ExitStack() as loggers:
+            weights, hessians, scales, zero_points, global_scales = prepare_batch(
+                batch,
+                qparams,
+                {module: statistics[module].hessian for module in batch},
+                {module: statistics[module].num_samples for module in batch},
             )
-            self._quantized.update(batch)
+            metric_loggers = [
+                loggers.enter_context(CompressionLogger(module)) for module in batch
+            ]
+            quantized, losses, fell_back = sweep(
+                weights=weights,
+                hessians=hessians,
+                scale=scales,
+                zero_point=zero_points,
+                global_scale=global_scales,
+                quant_args=quant_args,
+                blocksize=self.block_size,
+                percdamp=self.dampening_frac,
+            )
+            for index, metric_logger in enumerate(metric_loggers):
+                metric_logger.set_results(name="QEP", loss=losses[index].item())
+                if fell_back[index].item():
+                    self._note("rtn_fallback", batch[index])
+        update_batch_qparams(
+            batch, quantized, scales, zero_points, global_scales, quant_args
+        )
 
     def _round_to_nearest(self, modules: list[torch.nn.Module], reason: str | None = None):
         """Round ``modules`` to their observer's grid (``base: rtn``; with a
@@ -603,7 +699,6 @@ class QEPModifier(GPTQModifier):
         with torch.no_grad(), disable_offloading():
             if reason is not None:
                 observe(modules, base_name="weight")
-                update_qparams(modules, ACTIVATION_OBS, only_update_onload=not is_src())
             for module in modules:
                 quant_args = getattr_chain(module, "quantization_scheme.weights")
                 qparams = module.weight_observer.get_qparams()
@@ -623,7 +718,6 @@ class QEPModifier(GPTQModifier):
                     "weight_zero_point",
                     qparams["zero_point"].to(quant_args.zp_dtype),
                 )
-                self._quantized.add(module)
                 if reason is not None:
                     self._note(reason, module)
 
@@ -696,21 +790,34 @@ class QEPModifier(GPTQModifier):
                     f"{weights.type!r}; allowed: 'int'"
                 )
 
-    def _check_group_sizes(self):
-        for module, name in self._module_names.items():
+    def check_group_sizes(self, named_modules) -> None:
+        """Raise one line naming the group sizes and input widths that do not fit
+        (and what would), for ``(name, module)`` pairs whose quantization scheme
+        is attached: the real model, or a meta-device copy before any load."""
+        misfits: dict[tuple[int, int], list[str]] = {}
+        widths = set()
+        for name, module in named_modules:
             weights = getattr_chain(module, "quantization_scheme.weights", None)
             group_size = getattr(weights, "group_size", None)
             if weights is None or weights.strategy != "group" or not group_size:
                 continue
             width = module.weight.shape[1]
+            widths.add(width)
             if width % group_size:
-                allowed = [size for size in (32, 64, 128, 256) if width % size == 0]
-                raise ValueError(
-                    f"group_size {group_size} does not divide the input size {width} of "
-                    f"{name}; group sizes that fit every such module must divide "
-                    f"{width} (e.g. {allowed or 'none of 32/64/128/256'}), or use "
-                    "strategy: channel, or add the module to `ignore`"
-                )
+                misfits.setdefault((group_size, width), []).append(name)
+        if not misfits:
+            return
+        described = "; ".join(
+            f"group_size {group_size} does not divide the input width {width} of "
+            f"{len(names)} module(s), e.g. {names[0]}"
+            for (group_size, width), names in misfits.items()
+        )
+        fitting = [size for size in (32, 64, 128, 256) if all(w % size == 0 for w in widths)]
+        raise ValueError(
+            f"{type(self).__name__}: {described}; group sizes that fit every targeted "
+            f"module: {', '.join(map(str, fitting)) or 'none of 32/64/128/256'}; or use "
+            "strategy: channel, or add the modules to `ignore`"
+        )
 
     def _check_calibration_size(self, calibration):
         if calibration is None:
@@ -723,12 +830,15 @@ class QEPModifier(GPTQModifier):
                 tokens += int(torch.as_tensor(mask).sum())
             elif ids is not None:
                 tokens += torch.as_tensor(ids).numel()
-        if tokens == 0:
+        per_rank = gather(tokens)  # every rank decides on the same numbers
+        if 0 in per_rank:
+            where = "" if len(per_rank) == 1 else f" on rank {per_rank.index(0)}"
             raise ValueError(
-                "QEPModifier needs calibration data: the calibration set is empty"
+                f"QEPModifier needs calibration data: the calibration set is empty{where}"
             )
+        tokens = sum(per_rank)
         widest = max(module.weight.shape[1] for module in self._module_names)
-        if tokens < widest:
+        if tokens < widest and rank() == 0:
             logger.warning(
                 f"QEP: the calibration set has {tokens} tokens, fewer than the widest "
                 f"target input ({widest}): H~ is rank-deficient and the damping "

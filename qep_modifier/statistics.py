@@ -143,7 +143,7 @@ def accumulate_batch(
                 increment = shared(
                     ("cross_term", id(x), id(x_q)),  # keys: the caller's live tensors
                     lambda x=x, x_q=x_q: accumulate_cross_term(
-                        x, x_q.to(x.device), torch.zeros_like(stats.cross_term)
+                        x.to(x_q.device), x_q, torch.zeros_like(stats.cross_term)
                     ),
                 )
                 stats.cross_term += increment.to(stats.cross_term.device)

@@ -8,6 +8,7 @@ functions here, so every one of them samples, quantizes and scores the same way.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +23,10 @@ from qep_modifier.evaluation import (
 )
 
 __all__ = [
+    "InputError",
     "bar_chart",
+    "check_recipe_fits",
+    "one_line_errors",
     "calibration_windows",
     "gap_recovered",
     "load_causal_lm",
@@ -37,16 +41,67 @@ __all__ = [
 GAP_RECOVERED = "gap recovered = (ppl_gptq - ppl) / (ppl_gptq - ppl_fp), GPTQ = stock GPTQModifier"
 
 
+class InputError(ValueError):
+    """Bad input to an application, said in one line (file or field, what is
+    wrong, what is allowed); the command-line tools print it without a traceback."""
+
+
+@contextlib.contextmanager
+def one_line_errors(program: str):
+    """Bad input (:class:`InputError`, a recipe field out of range) ends the
+    program with one line, no traceback."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except InputError as error:
+        raise SystemExit(f"{program}: {error}") from None
+    except ValidationError as error:
+        message = str(error.errors()[0].get("msg", error)).removeprefix("Value error, ")
+        raise SystemExit(f"{program}: {message}") from None
+
+
 def load_recipe(path: Path, report: bool = False):
     """The recipe's modifiers, built here (not by ``oneshot``) so the caller holds
-    them. With ``report``, a modifier with a ``report_errors`` field
-    (``QEPModifier``, ``FOEMModifier``) gets ``report_errors: true`` unless the
-    YAML sets the field itself; its ``error_report`` fills during calibration."""
+    them; :class:`InputError` naming the file (and line, column or field) when
+    it cannot be read. With ``report``, a modifier with a ``report_errors``
+    field (``QEPModifier``, ``FOEMModifier``) gets ``report_errors: true``
+    unless the YAML sets the field itself; its ``error_report`` fills during
+    calibration."""
+    import yaml
     from llmcompressor.recipe import Recipe
+    from pydantic import ValidationError
 
     import qep_modifier  # noqa: F401  (registers QEPModifier and FOEMModifier)
 
-    recipe = Recipe.create_instance(str(path))
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recipe {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise InputError(f"recipe {path}{where}: not valid YAML: {problem}") from None
+    if not isinstance(content, dict) or not any(str(key).endswith("_stage") for key in content):
+        raise InputError(
+            f"recipe {path}: no stage found; a recipe's top-level keys end in `_stage` "
+            "and hold groups ending in `_modifiers` (see recipes/)"
+        )
+    try:
+        recipe = Recipe.create_instance(str(path))
+    except ValidationError as error:
+        details = error.errors()[0]
+        message = str(details.get("msg", error)).removeprefix("Value error, ")
+        field = ".".join(str(part) for part in details.get("loc", ()) if part != "__root__")
+        where = f" ({field})" if field and field not in message else ""
+        raise InputError(f"recipe {path}{where}: {message}") from None
+    except ValueError as error:
+        raise InputError(f"recipe {path}: {str(error).splitlines()[0]}") from None
+    if not recipe.modifiers:
+        raise InputError(f"recipe {path}: no modifiers found under its stages")
     if report:
         for modifier in recipe.modifiers:
             fields = getattr(type(modifier), "model_fields", {})
@@ -55,22 +110,70 @@ def load_recipe(path: Path, report: bool = False):
     return recipe
 
 
+def check_recipe_fits(model: str | Path, recipe) -> None:
+    """Refuse, before any weight is loaded, a QEP recipe whose group size does
+    not divide a targeted module's input width (a meta-device copy of the model
+    gets the recipe's schemes)."""
+    from compressed_tensors.quantization import apply_quantization_config
+    from compressed_tensors.utils import match_named_modules
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qep_modifier.modifier import QEPModifier
+
+    ours = [modifier for modifier in recipe.modifiers if isinstance(modifier, QEPModifier)]
+    if not ours:
+        return
+    config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    for modifier in ours:
+        apply_quantization_config(skeleton, modifier.resolved_config)
+        try:
+            modifier.check_group_sizes(
+                match_named_modules(skeleton, modifier.resolved_targets, modifier.ignore)
+            )
+        except ValueError as error:
+            raise InputError(str(error)) from None
+
+
 def calibration_windows(tokenizer, text: str | Path | torch.Tensor, num_samples: int, seq_len: int, seed: int = 0):
     """``num_samples`` windows of ``seq_len`` tokens drawn (``seed``) from ``text``
     (a file, a string, or token ids), as a ``datasets.Dataset``."""
-    ids = text if isinstance(text, torch.Tensor) else tokenize_text(tokenizer, text)
-    return calibration_dataset(ids, num_samples, seq_len, seed)
+    ids = _token_ids(tokenizer, text)
+    try:
+        return calibration_dataset(ids, num_samples, seq_len, seed)
+    except ValueError as error:
+        raise InputError(f"{_name(text)}: {error}") from None
+
+
+def _token_ids(tokenizer, text: str | Path | torch.Tensor) -> torch.Tensor:
+    if isinstance(text, torch.Tensor):
+        return text
+    if isinstance(text, Path) and not text.is_file():
+        raise InputError(f"text file {text} does not exist")
+    ids = tokenize_text(tokenizer, text)
+    if ids.numel() == 0:
+        raise InputError(f"{_name(text)} is empty: it has no tokens")
+    return ids
+
+
+def _name(text) -> str:
+    return f"text file {text}" if isinstance(text, Path) else "the text"
 
 
 def scoring_windows(tokenizer, text: str | Path | torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of ``text`` for perplexity (the WikiText-2 protocol)."""
-    ids = text if isinstance(text, torch.Tensor) else tokenize_text(tokenizer, text)
-    return evaluation_windows(ids, seq_len, max_windows)
+    ids = _token_ids(tokenizer, text)
+    try:
+        return evaluation_windows(ids, seq_len, max_windows)
+    except ValueError as error:
+        raise InputError(f"{_name(text)}: {error}") from None
 
 
-def quantize(model: str | Path, recipe, dataset, output_dir: Path | None = None, **oneshot_kwargs):
+def quantize(model, recipe, dataset, output_dir: Path | None = None, **oneshot_kwargs):
     """``oneshot`` on every sample of ``dataset``, in order; the quantized model.
 
+    ``model``: a model folder or a loaded model (then pass ``processor=``).
     ``recipe``: a path, a ``Recipe`` or modifiers. ``output_dir``: also save the
     compressed checkpoint (and tokenizer) there."""
     from llmcompressor import oneshot
@@ -87,7 +190,9 @@ def quantize(model: str | Path, recipe, dataset, output_dir: Path | None = None,
         settings["output_dir"] = str(output_dir)
     if isinstance(recipe, Path):
         recipe = str(recipe)
-    return oneshot(model=str(model), dataset=dataset, recipe=recipe, **settings)
+    if isinstance(model, Path):
+        model = str(model)
+    return oneshot(model=model, dataset=dataset, recipe=recipe, **settings)
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):

@@ -1,0 +1,108 @@
+"""QEP (or any recipe) with llm-compressor's oneshot on several processes.
+
+    torchrun --nproc_per_node 2 examples/distributed_oneshot.py \\
+        --recipe recipes/w3a16_qep_gptq.yaml --output out/smol-w3-ddp
+
+One GPU per rank with NCCL where GPUs are there (the model is loaded offloaded to
+CPU once and onloaded layer by layer); gloo on a CPU-only machine (every rank
+shares one CPU copy of the weights). The calibration windows are drawn once
+(same seed on every rank) and each rank takes its own contiguous shard: pass
+every rank its own data, llm-compressor 0.14's automatic split gives every rank
+the first shard when all pass the same dataset (QEPModifier refuses that). The
+weights are bit for bit those of one process on the same samples for two ranks;
+with more ranks the summation order of the statistics differs (rounding only).
+Rank 0 saves the compressed checkpoint and prints the error report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO.parent / "shared" / "bench"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipe", type=Path, required=True, help="recipe YAML")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="local model folder (default: the packaged SmolLM2-135M-Instruct)")
+    parser.add_argument("--text", type=Path, default=BENCH / "wiki_calib.txt",
+                        help="calibration text file (default: ../shared/bench/wiki_calib.txt)")
+    parser.add_argument("--num-samples", type=int, default=32,
+                        help="calibration windows in all, split over the ranks (default: 32)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
+    parser.add_argument("--seed", type=int, default=0, help="window positions (default: 0)")
+    parser.add_argument("--output", type=Path, required=True, help="where rank 0 saves the checkpoint")
+    return parser.parse_args(argv)
+
+
+def init_distributed() -> None:
+    """NCCL with one GPU per rank where there is an accelerator, else gloo
+    (compressed-tensors' init_dist needs an accelerator)."""
+    if torch.accelerator.is_available():
+        from compressed_tensors.offload import init_dist
+
+        init_dist()
+    else:
+        dist.init_process_group("gloo")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if "RANK" not in os.environ:
+        raise SystemExit(
+            "run this under torchrun, e.g. torchrun --nproc_per_node 2 "
+            "examples/distributed_oneshot.py --recipe ... --output ..."
+        )
+    init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from qep_modifier.cli import format_report
+        from qep_modifier.default_model import default_model_path
+        from qep_modifier.workflow import calibration_windows, load_recipe, quantize
+
+        model_path = args.model or default_model_path()
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        windows = calibration_windows(tokenizer, args.text, args.num_samples, args.seq_len, args.seed)
+        shard = windows.shard(num_shards=world_size, index=rank, contiguous=True)
+        if torch.accelerator.is_available():
+            from compressed_tensors.offload import load_offloaded_model
+
+            with load_offloaded_model():
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_path, dtype="auto", device_map="auto_offload"
+                )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+        recipe = load_recipe(args.recipe, report=True)
+        if rank == 0:
+            print(f"{world_size} ranks, {len(shard)} of {args.num_samples} windows each "
+                  f"({args.seq_len} tokens, seed {args.seed})", flush=True)
+        model = quantize(model, recipe, shard, processor=tokenizer)
+        dist.barrier()
+        if rank == 0:
+            model.save_pretrained(args.output, save_compressed=True)
+            tokenizer.save_pretrained(args.output)
+            print(f"saved compressed to {args.output}")
+            for modifier in recipe.modifiers:
+                rows = getattr(modifier, "error_report", None)
+                if rows:
+                    print(format_report(rows))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

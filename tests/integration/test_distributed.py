@@ -1,0 +1,111 @@
+"""QEP under torch.distributed (two gloo ranks on CPU, one sample each) equals one
+process on the same two samples, bit for bit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.integration.distributed_cases import CASES, both_samples
+from tests.models import REPO, load_model, quantize, quantized_linears, save_tiny_llama, save_tiny_qwen3_moe
+
+WORLD_SIZE = 2
+RUN = [name for name in CASES if name != "identical_data"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed-models")
+    save_tiny_llama(root / "llama")
+    save_tiny_llama(root / "tied", tie_word_embeddings=True)
+    save_tiny_qwen3_moe(root / "moe")
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_ranks(models, tmp_path_factory):
+    """Run every case on two ranks (one process each); their outputs' folder."""
+    output = tmp_path_factory.mktemp("distributed-output")
+    init = f"file://{output / 'rendezvous'}"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.distributed_worker", "--rank", str(rank),
+             "--world-size", str(WORLD_SIZE), "--init", init, "--models", str(models),
+             "--output", str(output), "--cases", ",".join(CASES)],
+            cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(WORLD_SIZE)
+    ]
+    logs = []
+    for process in ranks:
+        try:
+            logs.append(process.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for other in ranks:
+                other.kill()
+            pytest.fail("the two ranks did not finish (a deadlock?)")
+    assert all(process.returncode == 0 for process in ranks), logs[0][-3000:] + logs[1][-3000:]
+    return output
+
+
+def differences(first: dict, second: dict) -> list[str]:
+    """``module.tensor`` names whose values are not bit for bit equal."""
+    if first.keys() != second.keys():
+        return sorted(set(first) ^ set(second))
+    return [
+        f"{name}.{key}"
+        for name in first
+        for key in first[name]
+        if not torch.equal(first[name][key], second[name][key])
+    ]
+
+
+def _single_process(models, name, samples=None):
+    """The reference: one process, both samples, the ranks' thread count (a
+    product's summation order depends on it)."""
+    case = CASES[name]
+    modifier = case.recipe()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = quantize(
+            load_model(models / case.model), modifier, samples or both_samples(case),
+            batch_size=1, **case.oneshot,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return quantized_linears(model), modifier.error_report
+
+
+@pytest.mark.parametrize("name", RUN)
+def test_two_ranks_equal_one_process_bit_for_bit(models, two_ranks, name):
+    errors = list(two_ranks.glob(f"{name}-rank*.error"))
+    assert not errors, errors[0].read_text()
+    results = [torch.load(two_ranks / f"{name}-rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    weights, report = _single_process(models, name)
+    assert len(weights) >= 14
+    for rank, result in enumerate(results):
+        assert differences(result["weights"], weights) == [], (name, rank)
+    # the error report is gathered from every rank, in the single-process order
+    assert results[0]["report"] == report
+    if name == "report":
+        assert len(report) == 21
+
+
+def test_the_comparison_can_fail(models, two_ranks):
+    # the same harness against a reference on other data reports differences
+    case = CASES["qep"]
+    other = both_samples(case).select([0, 0])
+    weights, _ = _single_process(models, "qep", other)
+    result = torch.load(two_ranks / "qep-rank1.pt")
+    assert differences(result["weights"], weights)
+
+
+def test_identical_data_on_every_rank_is_refused(two_ranks):
+    for rank in range(WORLD_SIZE):
+        message = (two_ranks / f"identical_data-rank{rank}.error").read_text()
+        assert "ranks 0 and 1 got the same calibration batches" in message
+        assert "shard" in message
