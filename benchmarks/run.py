@@ -34,16 +34,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "bench"
 
-# scheme name -> weights quantization args (int, all Linears but lm_head)
+# scheme name -> weights quantization args (int, all Linears but lm_head); a
+# trailing "a" is the asymmetric grid (a zero point per group)
 SCHEMES = {
-    f"w{bits}{'g' + str(group) if group else 'ch'}": dict(
+    f"w{bits}{'g' + str(group) if group else 'ch'}{'' if symmetric else 'a'}": dict(
         num_bits=bits,
         type="int",
-        symmetric=True,
+        symmetric=symmetric,
         **({"strategy": "group", "group_size": group} if group else {"strategy": "channel"}),
     )
     for bits in (2, 3, 4)
     for group in (32, 64, 128, None)
+    for symmetric in (True, False)
 }
 
 
@@ -69,6 +71,17 @@ def _qep(weights_extra=None, **fields):
     return build
 
 
+def _rotated(build):
+    """SpinQuant R1 + R2 (random Hadamard, fused into the weights) before ``build``."""
+
+    def rotated(weights, **_):
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+
+        return [SpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard"), build(weights)]
+
+    return rotated
+
+
 def _groups(weights: dict) -> dict:
     return {"group_0": {"targets": ["Linear"], "weights": weights}}
 
@@ -85,6 +98,15 @@ METHODS = {
     "qep_rtn": (_qep(base="rtn"), {}, "QEP + RTN"),
     "qep_gptq": (_qep(), {}, "QEP + GPTQ (defaults)"),
     "qep_gptq_best": (_qep(weights_extra=BEST), {}, "QEP + GPTQ, mse observer, static act-order"),
+    "qep_auto_best": (
+        _qep(weights_extra=BEST, propagation_strength="auto"),
+        {},
+        "QEP + GPTQ, propagation_strength auto (every module), mse observer, static act-order",
+    ),
+    "spinquant_gptq_best": (_rotated(_gptq(**BEST)), {}, "SpinQuant R1+R2, then GPTQModifier, mse observer"),
+    "spinquant_qep_best": (
+        _rotated(_qep(weights_extra=BEST)), {}, "SpinQuant R1+R2, then QEP + GPTQ, mse observer"
+    ),
     "foem": (_qep(propagation_strength=0.0, first_order_strength=0.1), {}, "FOEM alone (beta 0.1)"),
     "qep_foem": (_qep(first_order_strength=0.1), {}, "QEP + FOEM (beta 0.1)"),
     # ablations
@@ -130,6 +152,7 @@ METHODS = {
 
 COLUMNS = [
     "scheme", "method", "ppl", "gap_recovered", "calib_s", "peak_rss_gib", "rss_increase_gib", "note",
+    "ppl_cross",
 ]
 
 
@@ -188,6 +211,7 @@ def write_table(rows: list[dict], path: Path, header: str) -> None:
             fmt(row["peak_rss_gib"], ".2f"),
             fmt(row["rss_increase_gib"], ".2f"),
             row["note"],
+            fmt(row.get("ppl_cross"), ".2f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
@@ -218,6 +242,11 @@ def parse_args(argv=None):
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=30)
+    parser.add_argument(
+        "--cross-eval", type=Path, default=None,
+        help="a second evaluation text (e.g. ../shared/bench/austen.txt): column ppl_cross",
+    )
+    parser.add_argument("--cross-eval-windows", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--schemes", default="w3g64", help=f"comma list of {sorted(SCHEMES)}")
     parser.add_argument("--methods", default="fp,gptq,qep_gptq", help=f"comma list of {list(METHODS)}")
@@ -245,7 +274,7 @@ def parse_args(argv=None):
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of a result CSV, numbers as floats (None where empty)."""
-    numeric = {"ppl", "gap_recovered", "calib_s", "peak_rss_gib", "rss_increase_gib"}
+    numeric = {"ppl", "gap_recovered", "calib_s", "peak_rss_gib", "rss_increase_gib", "ppl_cross"}
     with path.open(newline="") as handle:
         rows = [
             {key: (float(value) if value else None) if key in numeric else value for key, value in row.items()}
@@ -310,6 +339,10 @@ def main(argv=None) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     calibration = calibration_windows(tokenizer, args.calib, args.num_samples, args.seq_len, seed=args.seed)
     windows = scoring_windows(tokenizer, args.eval, args.seq_len, args.eval_windows)
+    cross = (
+        None if args.cross_eval is None
+        else scoring_windows(tokenizer, args.cross_eval, args.seq_len, args.cross_eval_windows)
+    )
     output = args.output or REPO / "benchmarks" / "results" / f"{model_path.name}.md"
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (
@@ -319,7 +352,9 @@ def main(argv=None) -> list[dict]:
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}  \n"
         f"Calibration: {args.num_samples} x {args.seq_len} tokens of {args.calib.name} (seed {args.seed}); "
-        f"evaluation: {windows.shape[0]} x {args.seq_len} tokens of {args.eval.name}.  \n"
+        f"evaluation: {windows.shape[0]} x {args.seq_len} tokens of {args.eval.name}"
+        + ("" if cross is None else f"; ppl_cross: {cross.shape[0]} x {args.seq_len} of {args.cross_eval.name}")
+        + ".  \n"
         "gap_recovered = (ppl_gptq - ppl) / (ppl_gptq - ppl_fp), GPTQ = stock GPTQModifier of the same scheme."
     )
     rows: list[dict] = []
@@ -347,6 +382,7 @@ def main(argv=None) -> list[dict]:
                     peak_rss_gib=None if build is None else memory.peak / 2**30,
                     rss_increase_gib=None if build is None else (memory.peak - memory.start) / 2**30,
                     note=note,
+                    ppl_cross=None if cross is None else score(model, cross),
                 )
             )
             print(f"RESULT {json.dumps(rows[-1])}", flush=True)

@@ -17,7 +17,10 @@ Rank 0 saves the compressed checkpoint and prints the error report.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument("--seed", type=int, default=0, help="window positions (default: 0)")
     parser.add_argument("--output", type=Path, required=True, help="where rank 0 saves the checkpoint")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                        help="dtype of the saved checkpoint (default: bfloat16)")
     return parser.parse_args(argv)
 
 
@@ -69,7 +74,13 @@ def main(argv=None) -> int:
 
         from qep_modifier.cli import format_report
         from qep_modifier.default_model import default_model_path
-        from qep_modifier.workflow import calibration_windows, load_recipe, quantize
+        from qep_modifier.workflow import (
+            DTYPES,
+            calibration_windows,
+            load_recipe,
+            quantize,
+            save_checkpoint,
+        )
 
         model_path = args.model or default_model_path()
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -88,12 +99,16 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"{world_size} ranks, {len(shard)} of {args.num_samples} windows each "
                   f"({args.seq_len} tokens, seed {args.seed})", flush=True)
+        start = time.perf_counter()
         model = quantize(model, recipe, shard, processor=tokenizer)
+        seconds = time.perf_counter() - start
         dist.barrier()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print("RANK " + json.dumps({"rank": rank, "world_size": world_size, "calib_s": seconds,
+                                    "peak_rss_gib": peak, "samples": len(shard)}), flush=True)
         if rank == 0:
-            model.save_pretrained(args.output, save_compressed=True)
-            tokenizer.save_pretrained(args.output)
-            print(f"saved compressed to {args.output}")
+            save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype])
+            print(f"saved compressed ({args.dtype}) to {args.output}")
             for modifier in recipe.modifiers:
                 rows = getattr(modifier, "error_report", None)
                 if rows:

@@ -142,9 +142,9 @@ class ReplayOutputs:
     every submodule of the layer that finished before that stop, and that ran
     only Linears already quantized (``final``), would compute the same output
     again. Kept per batch: the outermost such modules that contain a target
-    Linear (q/k/v while o is calibrated; the whole attention block while the
-    MLP is). A kept output written in place after it was kept is dropped (it
-    is recomputed instead).
+    Linear and return a single tensor (q/k/v while o's group is calibrated,
+    q/k/v/o while the MLP's are). A kept output written in place after it was
+    kept is dropped (it is recomputed instead).
     """
 
     def __init__(
@@ -327,7 +327,14 @@ class LayerPass:
 
     def _module_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         opened, unfinished = self._open.pop()
-        if opened is module and unfinished == self._unfinished_linears:
+        # single tensors only: an attention block returns its probabilities beside
+        # its output (heads x tokens / width times its size); its kept q, k, v
+        # and o let it recompute only the attention itself
+        if (
+            opened is module
+            and unfinished == self._unfinished_linears
+            and isinstance(output, torch.Tensor)
+        ):
             kept = send_tensors(output, self.offload_device) if self.offload_device else output
             entry = (kept, [tensor._version for tensor in _tensors(kept)])
             self._finished.setdefault(module, []).append(entry)

@@ -4,7 +4,9 @@
     qep-eval fp out/smol-w3 --max-windows 40
 
 Both default to the packaged SmolLM2-135M (``qep_modifier.default_model``) and to the
-texts in ``../shared/bench/`` beside the repository when they are there.
+texts in ``../shared/bench/`` beside the repository when they are there. Bad input
+(recipe, text, model folder, field values) ends them with one line, before any
+model is loaded.
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO.parent / "shared" / "bench"
 NAMED_TEXTS = {"austen": "austen.txt", "wiki": "wiki_calib.txt"}
 DEFAULT_EVAL_TEXT = BENCH / "wiki_eval.txt"
+DEFAULT_RESULTS = Path("out") / "qep-eval"
 
 
-def _default_model() -> Path:
-    from qep_modifier.default_model import default_model_path
-
-    return default_model_path()
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, descriptions as written."""
 
 
 def resolve_dataset(value: str) -> Path | str:
@@ -37,14 +38,18 @@ def resolve_dataset(value: str) -> Path | str:
     Returns a ``Path`` for a text file, else the string unchanged (for oneshot to
     load from the Hugging Face hub).
     """
+    from qep_modifier.workflow import InputError
+
     path = Path(value).expanduser()
     if path.is_file():
         return path
     if value in NAMED_TEXTS:
         named = BENCH / NAMED_TEXTS[value]
         if not named.is_file():
-            raise SystemExit(f"--dataset {value} means {named}, which does not exist")
+            raise InputError(f"--dataset {value} means {named}, which does not exist")
         return named
+    if path.suffix in (".txt", ".md", ".text"):
+        raise InputError(f"--dataset {value}: text file does not exist")
     return value
 
 
@@ -54,8 +59,14 @@ def format_report(rows) -> str:
     header = (
         f"{'layer':<{name_width}}  {'before':>12}  {'corrected':>12}  {'quantized':>12}"
     )
-    lines = ["relative output error per layer (before correction, after QEP correction, "
-             "after quantization)", header, "-" * len(header)]
+    lines = [
+        "relative output error per layer, ||W X - V X~|| / ||W X||: W the original weight "
+        "on the full-precision inputs X, V on the quantized-stream inputs X~ (before: V = W, "
+        "corrected: V = the QEP-corrected weight, quantized: V = the final quantized weight; "
+        "- where the layer is not corrected)",
+        header,
+        "-" * len(header),
+    ]
 
     def cell(value):
         return f"{'-':>12}" if value is None else f"{float(value):>12.6f}"
@@ -97,37 +108,49 @@ def _check_format(output: Path) -> str | None:
 
 
 def oneshot_main(argv: list[str] | None = None) -> int:
+    from qep_modifier.workflow import DTYPES
+
     parser = argparse.ArgumentParser(
         prog="qep-oneshot",
         description="Quantize a model with a recipe (QEPModifier, FOEMModifier or any "
-        "llm-compressor modifier) and save it compressed.",
+        "llm-compressor modifier) and save it compressed (pack-quantized).",
+        formatter_class=_Help,
     )
     parser.add_argument(
         "--model",
         type=Path,
         default=None,
         help="local Hugging Face model folder, tokenizer included "
-        "(default: the packaged SmolLM2-135M-Instruct)",
+        "(none: the packaged SmolLM2-135M-Instruct)",
     )
-    parser.add_argument("--recipe", type=Path, required=True, help="recipe YAML")
+    parser.add_argument(
+        "--recipe", required=True,
+        help="recipe YAML, or the name of a packaged recipe (e.g. w3a16_qep_gptq)",
+    )
     parser.add_argument(
         "--dataset",
         default="wiki",
         help="calibration text: a text file; 'austen' or 'wiki' for "
         "../shared/bench/austen.txt or wiki_calib.txt; anything else is passed to "
-        "oneshot as a Hugging Face dataset name, which only works when the hub is "
-        "reachable (default: wiki)",
+        "oneshot as a Hugging Face dataset name, which only works when the hub is reachable",
     )
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     parser.add_argument("--seed", type=int, default=0, help="seed for the window positions")
     parser.add_argument("--output", type=Path, required=True, help="where to save the checkpoint")
     parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="bfloat16",
+        help="dtype of the saved checkpoint's scales and unquantized tensors (what is served)",
+    )
+    parser.add_argument(
         "--no-report",
         action="store_true",
         help="skip the per-layer error report (saves one d_in x d_in accumulator per layer)",
     )
     args = parser.parse_args(argv)
+    for name in ("num_samples", "seq_len"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from qep_modifier.workflow import one_line_errors
@@ -137,17 +160,29 @@ def oneshot_main(argv: list[str] | None = None) -> int:
 
 
 def _oneshot(args) -> int:
-    from qep_modifier.workflow import calibration_windows, check_recipe_fits, load_recipe, quantize
+    from transformers import AutoTokenizer
 
-    recipe = load_recipe(args.recipe, report=not args.no_report)  # before any model is loaded
+    from qep_modifier.default_model import default_model_path
+    from qep_modifier.workflow import (
+        DTYPES,
+        calibration_windows,
+        check_recipe_fits,
+        load_recipe,
+        model_config,
+        quantize,
+        quiet_logs,
+        save_checkpoint,
+    )
+
+    # every check before any model is loaded
+    recipe = load_recipe(args.recipe, report=not args.no_report)
     dataset_source = resolve_dataset(args.dataset)
-    model_path = args.model if args.model is not None else _default_model()
-    check_recipe_fits(model_path, recipe)
+    check_recipe_fits(model_config(args.model), recipe)
 
+    quiet_logs("qep-oneshot")
+    model_path = args.model if args.model is not None else default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     if isinstance(dataset_source, Path):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
         dataset = calibration_windows(
             tokenizer, dataset_source, args.num_samples, args.seq_len, args.seed
         )
@@ -155,25 +190,25 @@ def _oneshot(args) -> int:
             f"qep-oneshot: {args.num_samples} windows of {args.seq_len} tokens from "
             f"{dataset_source} (seed {args.seed})"
         )
-        quantize(model_path, recipe, dataset, output_dir=args.output)
+        model = quantize(model_path, recipe, dataset)
     else:
         from llmcompressor import oneshot
 
         print(f"qep-oneshot: calibration dataset {dataset_source!r} from the Hugging Face hub")
-        oneshot(
+        model = oneshot(
             model=str(model_path),
             dataset=dataset_source,
             recipe=recipe,
             num_calibration_samples=args.num_samples,
             max_seq_length=args.seq_len,
             shuffle_calibration_samples=False,
-            output_dir=str(args.output),
         )
+    save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype])
 
     print()
     fmt = _check_format(args.output)
     if fmt == "pack-quantized":
-        print(f"saved compressed ({fmt}) to {args.output}")
+        print(f"saved compressed ({fmt}, {args.dtype}) to {args.output}")
     else:
         print(f"warning: {args.output}/config.json says format {fmt!r}, not 'pack-quantized'")
 
@@ -221,6 +256,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         prog="qep-eval",
         description="Perplexity of checkpoints on a text (WikiText-2 protocol: the whole "
         "text tokenized once, non-overlapping windows), optionally lm-eval tasks.",
+        formatter_class=_Help,
     )
     parser.add_argument(
         "checkpoints",
@@ -232,25 +268,25 @@ def eval_main(argv: list[str] | None = None) -> int:
         "--base-model",
         type=Path,
         default=None,
-        help="the full-precision model for 'fp' (default: the packaged SmolLM2-135M-Instruct)",
+        help="the full-precision model for 'fp' (none: the packaged SmolLM2-135M-Instruct)",
     )
     parser.add_argument(
         "--text",
         type=Path,
         default=DEFAULT_EVAL_TEXT if DEFAULT_EVAL_TEXT.is_file() else None,
         required=not DEFAULT_EVAL_TEXT.is_file(),
-        help=f"evaluation text file (default: {DEFAULT_EVAL_TEXT} when it exists)",
+        help="evaluation text file",
     )
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    parser.add_argument("--max-windows", type=int, default=None, help="default: all windows")
+    parser.add_argument("--max-windows", type=int, default=None, help="none: all windows")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument(
-        "--tokenizer", default=None, help="tokenizer folder (default: the first model's)"
+        "--tokenizer", default=None, help="tokenizer folder (none: the first model's)"
     )
-    parser.add_argument("--csv", type=Path, default=Path("ppl.csv"), help="default: ppl.csv")
+    parser.add_argument("--csv", type=Path, default=DEFAULT_RESULTS / "ppl.csv", help="results table")
     parser.add_argument(
-        "--png", type=Path, default=Path("ppl.png"), help="bar chart, needs matplotlib "
-        "(pip install -e '.[plot]'); default: ppl.png"
+        "--png", type=Path, default=DEFAULT_RESULTS / "ppl.png",
+        help="bar chart, needs matplotlib (pip install -e '.[plot]')",
     )
     parser.add_argument(
         "--lm-eval",
@@ -260,33 +296,50 @@ def eval_main(argv: list[str] | None = None) -> int:
         "(needs lm_eval installed, and usually the hub for the task data)",
     )
     args = parser.parse_args(argv)
+    from qep_modifier.workflow import one_line_errors
+
+    with one_line_errors("qep-eval"):
+        return _evaluate(parser, args)
+
+
+def _evaluate(parser, args) -> int:
+    from qep_modifier.workflow import InputError
 
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()] if args.lm_eval else []
     if args.lm_eval is not None and not _has_module("lm_eval"):
-        raise SystemExit(
-            "--lm-eval needs lm-evaluation-harness, which is not installed: "
-            "pip install lm-eval"
+        raise InputError(
+            "--lm-eval needs lm-evaluation-harness, which is not installed: pip install lm-eval"
         )
 
-    models: list[tuple[str, Path]] = []
+    models: list[tuple[str, Path | None]] = []
     if args.include_fp or "fp" in args.checkpoints:
-        base = args.base_model if args.base_model is not None else _default_model()
-        models.append((f"fp ({Path(base).name})", Path(base)))
+        name = args.base_model.name if args.base_model else "SmolLM2-135M-Instruct"
+        models.append((f"fp ({name})", args.base_model))
     for item in args.checkpoints:
         if item != "fp":
             models.append((item, Path(item)))
     if not models:
         parser.error("give at least one checkpoint, 'fp' or --include-fp")
     for _, path in models:
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"{path} is not a model folder (no config.json)")
+        if path is not None and not (path / "config.json").is_file():
+            raise InputError(f"{path} is not a model folder (no config.json)")
+    if not args.text.is_file():
+        raise InputError(f"--text {args.text} does not exist")
 
     import torch
     from transformers import AutoTokenizer
 
+    from qep_modifier.default_model import default_model_path
     from qep_modifier.evaluation import tokenize_text
-    from qep_modifier.workflow import load_causal_lm, score, scoring_windows
+    from qep_modifier.workflow import (
+        bar_chart,
+        load_causal_lm,
+        quiet_loading,
+        score,
+        scoring_windows,
+    )
 
+    models = [(label, default_model_path() if path is None else path) for label, path in models]
     torch.set_grad_enabled(False)
     tokenizer_path = args.tokenizer or models[0][1]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -299,7 +352,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     rows = []
     for label, path in models:
-        model = load_causal_lm(path)
+        with quiet_loading():
+            model = load_causal_lm(path)
         value = score(model, windows, batch_size=args.batch_size)
         del model
         rows.append(
@@ -323,8 +377,6 @@ def eval_main(argv: list[str] | None = None) -> int:
         writer.writerows(rows)
     print(f"\nwrote {args.csv}")
     args.png.parent.mkdir(parents=True, exist_ok=True)
-    from qep_modifier.workflow import bar_chart
-
     title = f"perplexity, {rows[0]['windows']} x {rows[0]['seq_len']} tokens"
     values = {"perplexity": [row["perplexity"] for row in rows]}
     if bar_chart(args.png, [row["model"] for row in rows], values, title=title):

@@ -24,7 +24,10 @@ from collections.abc import Mapping
 import torch
 
 __all__ = [
+    "AUTO",
+    "AUTO_CANDIDATES",
     "accumulate_cross_term",
+    "choose_strength",
     "corrected_weight",
     "relative_output_error",
     "resolve_propagation_strength",
@@ -32,6 +35,11 @@ __all__ = [
 ]
 
 DEFAULT_STRENGTH_KEY = "default"
+
+#: ``propagation_strength: auto``: chosen per module from held-out batches
+AUTO = "auto"
+#: the strengths ``auto`` chooses from
+AUTO_CANDIDATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class CorrectionFailed(RuntimeError):
@@ -112,22 +120,58 @@ def corrected_weight(
 
 
 def resolve_propagation_strength(
-    module_name: str, strength: float | Mapping[str, float]
-) -> float:
-    """The propagation strength for ``module_name``.
+    module_name: str, strength: float | str | Mapping[str, float | str]
+) -> float | str:
+    """The propagation strength for ``module_name``: a number or ``"auto"``.
 
-    ``strength`` is a number, or a mapping from regular expression (searched in
-    the module name, first match in mapping order wins) to number, with the key
-    ``"default"`` for names no pattern matches (0.0 when absent).
+    ``strength`` is a number (or ``"auto"``), or a mapping from regular
+    expression (searched in the module name, first match in mapping order wins)
+    to one, with the key ``"default"`` for names no pattern matches (0.0 when
+    absent).
     """
     if not isinstance(strength, Mapping):
-        return float(strength)
+        return _strength_value(strength)
     for pattern, value in strength.items():
         if pattern == DEFAULT_STRENGTH_KEY:
             continue
         if re.search(pattern, module_name):
-            return float(value)
-    return float(strength.get(DEFAULT_STRENGTH_KEY, 0.0))
+            return _strength_value(value)
+    return _strength_value(strength.get(DEFAULT_STRENGTH_KEY, 0.0))
+
+
+def _strength_value(value) -> float | str:
+    return AUTO if value == AUTO else float(value)
+
+
+def choose_strength(
+    weight: torch.Tensor,
+    fit: tuple[torch.Tensor, torch.Tensor],
+    held_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    correction_damping: float,
+    candidates: tuple[float, ...] = AUTO_CANDIDATES,
+) -> tuple[float, dict[float, float]]:
+    """The strength whose correction, fitted on some batches, leaves the smallest
+    output error on others: ``(best, {strength: held-out error})``.
+
+    :param fit: ``(C, H~)`` of the fitting batches (same normalisation)
+    :param held_out: ``(G, C, H~)`` of the held-out batches
+    Each candidate's ``W*`` is :func:`corrected_weight` from ``fit``; its error is
+    :func:`relative_output_error` on ``held_out`` (closed form). Ties go to the
+    smaller strength; a candidate whose correction fails counts as no better
+    than no correction.
+    """
+    cross_term, hessian = fit
+    errors = {}
+    for strength in candidates:
+        try:
+            candidate, _ = corrected_weight(
+                weight, cross_term, hessian, strength, correction_damping
+            )
+        except CorrectionFailed:
+            candidate = weight
+        errors[strength] = relative_output_error(weight, candidate, *held_out)
+    best = min(candidates, key=lambda strength: (errors[strength], strength))
+    return best, errors
 
 
 def relative_output_error(

@@ -13,7 +13,13 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["DEFAULT_MODEL_NAME", "cache_dir", "default_model_path", "gguf_path"]
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "cache_dir",
+    "default_model_config",
+    "default_model_path",
+    "gguf_path",
+]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,6 +50,17 @@ def default_model_path() -> Path:
         return folder
     _convert(gguf_path(), folder)
     return folder
+
+
+def default_model_config():
+    """The model's config without converting or loading its weights."""
+    from transformers import AutoConfig
+
+    folder = cache_dir() / DEFAULT_MODEL_NAME
+    if (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(folder)
+    source = gguf_path()
+    return AutoConfig.from_pretrained(source.parent, gguf_file=source.name)
 
 
 def _convert(source: Path, folder: Path) -> None:

@@ -26,9 +26,8 @@ from pathlib import Path
 
 __all__ = ["main", "DEFAULT_TEXT", "DEFAULT_RECIPE", "comparison_modifiers", "split_text"]
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "austen_emma_excerpt.txt"
-DEFAULT_RECIPE = REPO / "recipes" / "w3a16_qep_gptq.yaml"
+DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "w3a16_qep_gptq.yaml"
 CALIBRATION_SHARE = 2 / 3
 
 
@@ -37,7 +36,9 @@ def split_text(token_ids, seq_len: int):
     cut = int(token_ids.numel() * CALIBRATION_SHARE)
     calibration, evaluation = token_ids[:cut], token_ids[cut:]
     if calibration.numel() <= seq_len or evaluation.numel() < seq_len:
-        raise SystemExit(
+        from qep_modifier.workflow import InputError
+
+        raise InputError(
             f"--text has {token_ids.numel()} tokens: too few for --seq-len {seq_len} "
             f"(needs more than {math.ceil(seq_len / (1 - CALIBRATION_SHARE))})"
         )
@@ -47,17 +48,23 @@ def split_text(token_ids, seq_len: int):
 def _recipe_modifier(path: Path):
     """The recipe's single quantization modifier (QEPModifier or a subclass)."""
     from qep_modifier.modifier import QEPModifier
-    from qep_modifier.workflow import load_recipe
+    from qep_modifier.workflow import InputError
 
-    modifiers = list(load_recipe(path, report=False).modifiers)
+    modifiers = list(_load(path).modifiers)
     ours = [modifier for modifier in modifiers if isinstance(modifier, QEPModifier)]
     if len(modifiers) != 1 or len(ours) != 1:
         names = ", ".join(type(modifier).__name__ for modifier in modifiers) or "none"
-        raise SystemExit(
+        raise InputError(
             f"--recipe {path}: qep-demo compares one QEPModifier (or FOEMModifier) "
             f"against GPTQModifier; the recipe has: {names}"
         )
     return ours[0]
+
+
+def _load(path: Path):
+    from qep_modifier.workflow import load_recipe
+
+    return load_recipe(path, report=False)
 
 
 def comparison_modifiers(recipe_path: Path) -> dict[str, object]:
@@ -84,12 +91,18 @@ def comparison_modifiers(recipe_path: Path) -> dict[str, object]:
     return modifiers
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, the description as written."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qep-demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="QEP/FOEM recipe YAML")
+    from qep_modifier.workflow import DTYPES, one_line_errors
+
+    parser = argparse.ArgumentParser(prog="qep-demo", description=__doc__, formatter_class=_Help)
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE),
+                        help="QEP/FOEM recipe YAML, or the name of a packaged recipe")
     parser.add_argument("--model", type=Path, default=None,
-                        help="local HF folder (default: the packaged SmolLM2-135M-Instruct)")
+                        help="local HF folder (none: the packaged SmolLM2-135M-Instruct)")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT,
                         help="plain text: calibration from its first 2/3, evaluation on the rest")
     parser.add_argument("--num-samples", type=int, default=16, help="calibration windows")
@@ -98,35 +111,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for the calibration windows")
     parser.add_argument("--output", type=Path, default=Path("out/smollm2-qep"),
                         help="where the recipe's compressed checkpoint goes")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                        help="dtype of the saved checkpoint")
     args = parser.parse_args(argv)
     for name in ("num_samples", "seq_len", "eval_windows"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
-    if not args.recipe.is_file():
-        parser.error(f"--recipe {args.recipe} does not exist")
-    if not args.text.is_file():
-        parser.error(f"--text {args.text} does not exist")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with one_line_errors("qep-demo"):
+        return _run(args)
 
+
+def _run(args) -> int:
     from transformers import AutoTokenizer
 
     from qep_modifier.default_model import default_model_path
     from qep_modifier.evaluation import tokenize_text
     from qep_modifier.workflow import (
+        DTYPES,
+        InputError,
         calibration_windows,
+        check_recipe_fits,
         load_causal_lm,
+        model_config,
         quantize,
+        quiet_logs,
+        resolve_recipe,
+        save_checkpoint,
         score,
         scoring_windows,
     )
 
-    recipe_name = type(_recipe_modifier(args.recipe)).__name__  # fails fast on a bad recipe
-    runs = {"full precision": None, **comparison_modifiers(args.recipe),
-            f"{recipe_name} ({args.recipe.name})": args.recipe}
+    # every check before any model is loaded
+    recipe_path = resolve_recipe(args.recipe)
+    if not args.text.is_file():
+        raise InputError(f"--text {args.text} does not exist")
+    modifier = _recipe_modifier(recipe_path)
+    runs = {"full precision": None, **comparison_modifiers(recipe_path),
+            f"{type(modifier).__name__} ({recipe_path.name})": recipe_path}
+    check_recipe_fits(model_config(args.model), _load(recipe_path))
 
+    quiet_logs("qep-demo")
     model_path = args.model or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    calibration_ids, evaluation_ids = split_text(tokenize_text(tokenizer, args.text), args.seq_len)
+    ids = tokenize_text(tokenizer, args.text)
+    if ids.numel() == 0:
+        raise InputError(f"--text {args.text} is empty: it has no tokens")
+    calibration_ids, evaluation_ids = split_text(ids, args.seq_len)
     calibration = calibration_windows(tokenizer, calibration_ids, args.num_samples, args.seq_len, args.seed)
     windows = scoring_windows(tokenizer, evaluation_ids, args.seq_len, args.eval_windows)
     print(f"qep-demo: {model_path.name}; calibration {args.num_samples} x {args.seq_len} tokens "
@@ -140,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         if recipe is None:
             model = load_causal_lm(model_path)
         else:
-            output = args.output if isinstance(recipe, Path) else None
-            model = quantize(model_path, recipe, calibration, output_dir=output)
+            model = quantize(model_path, recipe, calibration)
         seconds = None if recipe is None else time.perf_counter() - start
         ppl = score(model, windows)
+        if isinstance(recipe, Path):
+            save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype])
         rows.append((label, ppl, seconds))
         print(f"[{step}/{len(runs)}] {label}: perplexity {ppl:.2f}", flush=True)
         del model

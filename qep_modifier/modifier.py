@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import enum
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -42,7 +44,7 @@ from compressed_tensors.utils import (
     update_offload_parameter,
 )
 from loguru import logger
-from pydantic import PrivateAttr, field_validator, model_validator
+from pydantic import PrivateAttr, field_validator, model_serializer, model_validator
 from tqdm import tqdm
 
 from llmcompressor.core import Event, State, active_session
@@ -66,7 +68,9 @@ from qep_modifier.capture import (
     split_hidden,
 )
 from qep_modifier.correction import (
+    AUTO,
     DEFAULT_STRENGTH_KEY,
+    choose_strength,
     CorrectionFailed,
     corrected_weight,
     relative_output_error,
@@ -110,6 +114,8 @@ _PROBLEMS = {
     "their own weights (no GPTQ, no correction)",
     "rtn_fallback": "GPTQ's Hessian inversion failed and they were rounded to nearest "
     "(raise dampening_frac or use more calibration samples)",
+    "auto_fallback": "propagation_strength auto needs calibration batches on both sides of "
+    "its split (at least two batches); they were corrected with 0.5",
 }
 
 
@@ -155,9 +161,13 @@ class QEPModifier(GPTQModifier):
     ``config_groups``, ``block_size``, ``dampening_frac``, ``actorder``), plus:
 
     :param propagation_strength: ``a`` in ``W* = W + a W C (H~ + l I)^-1``: a
-        number in [0, 1], or a mapping from module-name regex (``re.search``,
-        first match wins) to number, with key ``default`` for the rest. The
-        default corrects everything at 0.5 except ``mlp.down_proj``.
+        number in [0, 1] or ``auto``, or a mapping from module-name regex
+        (``re.search``, first match wins) to one, with key ``default`` for the
+        rest. The default corrects everything at 0.5 except ``mlp.down_proj``.
+        ``auto`` chooses each module's strength from 0 / 0.25 / 0.5 / 0.75 / 1:
+        the one whose correction, fitted on half the calibration batches, gives
+        the smallest output error on the other half (closed form); the module is
+        then corrected with it on all batches.
     :param correction_damping: ``l`` as a fraction of ``mean(diag H~)``, > 0
     :param base: ``gptq`` (the GPTQ sweep on ``W*`` with Hessian ``H~``) or
         ``rtn`` (round ``W*`` to the observer's grid)
@@ -179,15 +189,17 @@ class QEPModifier(GPTQModifier):
         them with each group's replay. Results are the same either way.
     :param resume_replays: each group's replay of the quantized stream resumes
         where the previous one stopped: submodules that finished there (q/k/v,
-        the attention block) return their kept outputs (up to about two
-        activation caches while a layer is calibrated). Results are the same.
+        then o too) return their kept outputs (up to about three activation
+        caches while a layer is calibrated). Results are the same.
     :param report_errors: after calibration, ``error_report`` lists for every
         module the relative output error ``||W X - V X~|| / ||W X||`` of the
         original weight, the corrected weight and the quantized weight (costs
         one more d_in x d_in accumulator per module in flight)
     """
 
-    propagation_strength: float | dict[str, float] = dict(DEFAULT_PROPAGATION_STRENGTH)
+    propagation_strength: float | str | dict[str, float | str] = dict(
+        DEFAULT_PROPAGATION_STRENGTH
+    )
     correction_damping: float = 0.01
     base: Literal["gptq", "rtn"] = "gptq"
     true_sequential: bool = True
@@ -202,7 +214,11 @@ class QEPModifier(GPTQModifier):
     _layer_names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _targets: list[torch.nn.Module] = PrivateAttr(default_factory=list)
     _layer_of: dict[torch.nn.Module, torch.nn.Module] = PrivateAttr(default_factory=dict)
-    _strengths: dict[torch.nn.Module, float] = PrivateAttr(default_factory=dict)
+    _strengths: dict[torch.nn.Module, float | str] = PrivateAttr(default_factory=dict)
+    # propagation_strength: auto: which local batches are held out, and what
+    # was chosen per module name (on the rank that corrected it)
+    _held_out: list[bool] | None = PrivateAttr(default=None)
+    _chosen: dict[str, float] = PrivateAttr(default_factory=dict)
     _calls: RecordedCalls | None = PrivateAttr(default=None)
     _skipped: SkippedCalibration = PrivateAttr(default_factory=SkippedCalibration)
     _outside_statistics: dict[torch.nn.Module, LinearStatistics] = PrivateAttr(
@@ -228,11 +244,23 @@ class QEPModifier(GPTQModifier):
         return list(self._error_report)
 
     @property
+    def chosen_strengths(self) -> dict[str, float]:
+        """``propagation_strength: auto``: the strength chosen per module name."""
+        return dict(self._chosen)
+
+    @property
     def problems(self) -> dict[str, list[str]]:
         """Modules that did not get the full method, by reason (see ``on_finalize``)."""
         return {reason: list(names) for reason, names in self._problems.items()}
 
     # ------------------------------------------------------------ validation
+    @model_serializer(mode="wrap")
+    def _plain_values(self, handler):
+        """Enums (a resolved ``actorder``) dump as their values, so the
+        ``recipe.yaml`` saved into a checkpoint reads back with ``yaml.safe_load``
+        and ``Recipe.create_instance``."""
+        return _plain(handler(self))
+
     @model_validator(mode="before")
     @classmethod
     def _check_field_names(cls, values):
@@ -256,10 +284,12 @@ class QEPModifier(GPTQModifier):
         items = value.items() if isinstance(value, Mapping) else [(None, value)]
         for pattern, strength in items:
             where = "" if pattern is None else f"[{pattern!r}]"
+            if strength == AUTO:
+                continue
             if isinstance(strength, bool) or not isinstance(strength, (int, float)):
                 raise ValueError(
-                    f"propagation_strength{where} must be a number in [0, 1], "
-                    f"got {strength!r}"
+                    f"propagation_strength{where} must be a number in [0, 1] or "
+                    f"'auto', got {strength!r}"
                 )
             if not 0.0 <= float(strength) <= 1.0:
                 raise ValueError(
@@ -339,6 +369,7 @@ class QEPModifier(GPTQModifier):
             )
         self._error_report, self._problems, self._quantized = [], {}, set()
         self._report_rows, self._report_order = {}, []
+        self._held_out, self._chosen = None, {}
         self._full_precision_stream, self._skipped_input = None, None
         paired_layers = [
             self._layers.index(self._layer_of[module])
@@ -396,7 +427,7 @@ class QEPModifier(GPTQModifier):
             reduce_statistics(statistics, outside)
             if rank() == 0:
                 for module in outside:
-                    if self._strengths.get(module, 0.0) > 0.0:
+                    if self._corrects(module):
                         self._note("outside", module)
             self._quantize_group(outside, statistics)
 
@@ -415,8 +446,10 @@ class QEPModifier(GPTQModifier):
             for reason, names in part.items():
                 problems.setdefault(reason, []).extend(n for n in names if n not in problems[reason])
         self._problems = problems
+        self._chosen = {name: a for part in gather(self._chosen) for name, a in part.items()}
         if rank() == 0:
             self._warn_problems()
+            self._log_chosen_strengths()
         self._calls, self._full_precision_stream, self._skipped_input = None, None, None
         self._outside_statistics, self._quantized = {}, set()
         return super().on_finalize(state, **kwargs)
@@ -436,6 +469,8 @@ class QEPModifier(GPTQModifier):
         linears = [module for module in self._targets if self._layer_of.get(module) is layer]
         todo = [module for module in linears if module not in self._quantized]
         calls = partial(self._recorded_calls, layer)
+        if self._held_out is None and any(self._strengths.get(m) == AUTO for m in self._targets):
+            self._held_out = self._split_batches(layer)
         with torch.no_grad(), disable_offloading():
             plan = self._plan_layer(layer, linears, todo, calls, quantized_hidden)
             streams = LayerStreams(
@@ -460,12 +495,16 @@ class QEPModifier(GPTQModifier):
             )
             for group in plan.groups:
                 statistics = self._empty_statistics(group)
-                for quantized, full_precision in streams.inputs(group):
+                held_out = self._empty_statistics(group, held_out=True)
+                for batch, (quantized, full_precision) in enumerate(streams.inputs(group)):
                     accumulate_batch(statistics, quantized, full_precision)
+                    if held_out and self._held_out[batch]:
+                        accumulate_batch(held_out, quantized, full_precision)
                     progress.update(1)
                 streams.quantizing(group)  # before any rank's owner writes a weight
                 reduce_statistics(statistics, group.modules)  # sums over ranks
-                self._quantize_group(list(group.modules), statistics)
+                reduce_statistics(held_out, group.modules)
+                self._quantize_group(list(group.modules), statistics, held_out)
             progress.close()
             self._full_precision_stream = streams.finish()
             return streams.propagate() if propagate else None
@@ -495,17 +534,41 @@ class QEPModifier(GPTQModifier):
             true_sequential=self.true_sequential,
         )
 
-    def _empty_statistics(self, group: Group) -> dict[torch.nn.Module, LinearStatistics]:
+    def _empty_statistics(
+        self, group: Group, held_out: bool = False
+    ) -> dict[torch.nn.Module, LinearStatistics]:
+        """Zeros for ``group``: every module's statistics over all batches, or,
+        with ``held_out``, those of the held-out batches of ``auto`` modules."""
+        modules = [
+            m for m in group.modules
+            if not held_out or (group.paired and self._strengths.get(m) == AUTO)
+        ]
         return {
             module: LinearStatistics.empty(
                 module,
                 get_execution_device(module),
-                cross_term=group.paired
-                and (self._strengths.get(module, 0.0) > 0.0 or self.report_errors),
-                full_precision_gram=group.paired and self.report_errors,
+                cross_term=group.paired and (self._corrects(module) or self.report_errors),
+                full_precision_gram=group.paired and (self.report_errors or held_out),
             )
-            for module in group.modules
+            for module in modules
         }
+
+    def _split_batches(self, layer: torch.nn.Module) -> list[bool]:
+        """Which local batches ``auto`` holds out: the batches ordered by a digest
+        of their first layer's input, over every rank, and every other one held
+        out (so the split is the same however the batches are spread)."""
+        digests = []
+        for batch in range(self._calls.num_batches(layer)):
+            hidden, _, _ = split_hidden(*self._calls.fetch(layer, batch))
+            data = hidden.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+            digests.append(hashlib.sha256(data).hexdigest())
+        everyone = sorted(
+            (digest, owner, index)
+            for owner, part in enumerate(gather(digests))
+            for index, digest in enumerate(part)
+        )
+        held = {(owner, index) for position, (_, owner, index) in enumerate(everyone) if position % 2}
+        return [(rank(), index) in held for index in range(len(digests))]
 
     def _check_propagated_input(self, layer: torch.nn.Module) -> None:
         """Refuse ``propagate_error=False``: the pipeline then feeds each layer the
@@ -544,6 +607,7 @@ class QEPModifier(GPTQModifier):
         self,
         modules: Sequence[torch.nn.Module],
         statistics: Mapping[torch.nn.Module, LinearStatistics],
+        held_out: Mapping[torch.nn.Module, LinearStatistics] | None = None,
     ) -> None:
         """Correct, observe and quantize ``modules``; round to nearest those that
         saw no token. Under torch.distributed each unit (a GPTQ batch of
@@ -560,7 +624,9 @@ class QEPModifier(GPTQModifier):
         self._round_to_nearest(
             [m for unit in mine for m in unit if m not in fed], reason="uncalibrated"
         )
-        self._correct_and_quantize([unit for unit in mine if unit[0] in fed], statistics)
+        self._correct_and_quantize(
+            [unit for unit in mine if unit[0] in fed], statistics, held_out or {}
+        )
         publish(modules, {m: owner for unit, owner in zip(units, owners) for m in unit})
         self._quantized.update(modules)
 
@@ -576,6 +642,7 @@ class QEPModifier(GPTQModifier):
         self,
         batches: list[list[torch.nn.Module]],
         statistics: Mapping[torch.nn.Module, LinearStatistics],
+        held_out: Mapping[torch.nn.Module, LinearStatistics],
     ) -> None:
         modules = [module for batch in batches for module in batch]
         if not modules:
@@ -587,7 +654,7 @@ class QEPModifier(GPTQModifier):
                 if stats.full_precision_gram is not None:
                     report[module] = (module.weight.detach().clone(), *stats.normalised())
             for module in modules:
-                self._apply_correction(module, statistics[module])
+                self._apply_correction(module, statistics[module], held_out.get(module))
             corrected = {module: module.weight.detach().clone() for module in report}
             observe(modules, base_name="weight")  # weight-only: no activation observers
             if self.base == "rtn":
@@ -604,20 +671,29 @@ class QEPModifier(GPTQModifier):
                         ("quantized", module.weight.detach()),
                     )
                 }
-                if self._strengths.get(module, 0.0) == 0.0:
+                if not self._corrects(module):
                     errors["corrected"] = None
                 name = self._module_names[module]
                 self._report_rows[name] = {"name": name, **errors}
 
-    def _apply_correction(self, module: torch.nn.Module, stats: LinearStatistics) -> None:
-        strength = self._strengths.get(module, 0.0)
-        if strength == 0.0:
+    def _apply_correction(
+        self,
+        module: torch.nn.Module,
+        stats: LinearStatistics,
+        held_out: LinearStatistics | None = None,
+    ) -> None:
+        if not self._corrects(module):
             return
         if not stats.paired:
             self._note("unpaired", module)
             return
         if stats.cross_term is None:
             return
+        strength = self._strengths[module]
+        if strength == AUTO:
+            strength = self._choose_strength(module, stats, held_out)
+            if strength == 0.0:
+                return
         hessian, cross_term, _ = stats.normalised()
         try:
             weight, _ = corrected_weight(
@@ -721,6 +797,47 @@ class QEPModifier(GPTQModifier):
                 if reason is not None:
                     self._note(reason, module)
 
+    def _choose_strength(
+        self, module: torch.nn.Module, stats: LinearStatistics, held_out: LinearStatistics | None
+    ) -> float:
+        """``auto``: the strength whose correction fitted on the other batches
+        does best on the held-out ones (0.5, the default, without two sides)."""
+        name = self._module_names[module]
+        fallback = float(DEFAULT_PROPAGATION_STRENGTH[DEFAULT_STRENGTH_KEY])
+        if held_out is None or not held_out.paired or held_out.num_samples.item() == 0:
+            self._note("auto_fallback", module)
+            self._chosen[name] = fallback
+            return fallback
+        fit = stats.minus(held_out)
+        if fit.num_samples.item() == 0:
+            self._note("auto_fallback", module)
+            self._chosen[name] = fallback
+            return fallback
+        fit_hessian, fit_cross, _ = fit.normalised()
+        held_hessian, held_cross, held_gram = held_out.normalised()
+        best, _ = choose_strength(
+            module.weight.detach(),
+            (fit_cross, fit_hessian),
+            (held_gram, held_cross, held_hessian),
+            self.correction_damping,
+        )
+        self._chosen[name] = best
+        return best
+
+    def _log_chosen_strengths(self) -> None:
+        """``auto``: the chosen strengths, averaged per module role."""
+        if not self._chosen:
+            return
+        roles: dict[str, list[float]] = {}
+        for name, strength in self._chosen.items():
+            role = expert_role(re.sub(r"\.\d+\.", ".*.", name, count=1))
+            roles.setdefault(role, []).append(strength)
+        shown = ", ".join(
+            f"{role}: {sum(values) / len(values):.2f} ({len(values)})"
+            for role, values in roles.items()
+        )
+        logger.info(f"QEP: propagation_strength auto chose, on average per role: {shown}")
+
     # ----------------------------------------------------------------- hooks
     def _accumulate_outside(self, module: torch.nn.Module, args: tuple) -> None:
         """Calibration-pass pre-hook of a target outside the layers (``lm_head``)."""
@@ -731,9 +848,14 @@ class QEPModifier(GPTQModifier):
         accumulate_batch({module: self._outside_statistics[module]}, {module: [args[0]]})
 
     # --------------------------------------------------------------- helpers
+    def _corrects(self, module: torch.nn.Module) -> bool:
+        """Whether ``module`` is corrected at all (a strength above 0, or auto)."""
+        strength = self._strengths.get(module, 0.0)
+        return strength == AUTO or strength > 0.0
+
     def _needs_pairs(self, module: torch.nn.Module) -> bool:
         """Whether ``module`` needs the full-precision stream beside ``X~``."""
-        return self.report_errors or self._strengths.get(module, 0.0) > 0
+        return self.report_errors or self._corrects(module)
 
     def _note(self, reason: str, module: torch.nn.Module) -> None:
         names = self._problems.setdefault(reason, [])
@@ -759,7 +881,8 @@ class QEPModifier(GPTQModifier):
         the layers may compute only its first batch (QEP records the calls and
         runs the layers itself; the pipeline throws that pass's output away).
 
-        Not when another modifier of the recipe calibrates in the same pass, when
+        Not when another modifier of the recipe calibrates (modifiers that need no
+        calibration data, such as SpinQuant's fused rotations, read nothing), when
         a quantized module lies outside every layer (a quantized ``lm_head``
         reads the last layer's calibration output), or with a KV-cache scheme.
         """
@@ -767,7 +890,10 @@ class QEPModifier(GPTQModifier):
             return False
         recipe = getattr(active_session().lifecycle, "recipe", None)
         modifiers = getattr(recipe, "modifiers", None) or []
-        return all(modifier is self for modifier in modifiers)
+        return all(
+            modifier is self or not getattr(modifier, "requires_calibration_data", True)
+            for modifier in modifiers
+        )
 
     # ------------------------------------------------------------ checks
     def _check_weight_only_int(self):
@@ -873,8 +999,18 @@ class FOEMModifier(QEPModifier):
     full-precision stream is never computed.
     """
 
-    propagation_strength: float | dict[str, float] = 0.0
+    propagation_strength: float | str | dict[str, float | str] = 0.0
     first_order_strength: float = 0.2
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _quantizes_weight(module: torch.nn.Module) -> bool:

@@ -81,6 +81,21 @@ class LinearStatistics:
         if not other.paired:
             self.unpair()
 
+    def minus(self, other: "LinearStatistics") -> "LinearStatistics":
+        """The statistics of the batches in ``self`` and not in ``other`` (a
+        subset of them): what was fitted on when ``other`` is held out."""
+        def difference(mine, theirs):
+            return None if mine is None or theirs is None else mine - theirs.to(mine.device)
+
+        return LinearStatistics(
+            hessian=self.hessian - other.hessian.to(self.hessian.device),
+            num_samples=self.num_samples - other.num_samples.to(self.num_samples.device),
+            tokens=self.tokens - other.tokens,
+            cross_term=difference(self.cross_term, other.cross_term),
+            full_precision_gram=difference(self.full_precision_gram, other.full_precision_gram),
+            paired=self.paired and other.paired,
+        )
+
     def normalised(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(H~, C, G) / num_samples``, the scale GPTQ and the correction use."""
         count = self.num_samples.to(self.hessian.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -27,6 +28,13 @@ __all__ = [
     "bar_chart",
     "check_recipe_fits",
     "one_line_errors",
+    "model_config",
+    "quiet_loading",
+    "quiet_logs",
+    "resolve_recipe",
+    "save_checkpoint",
+    "DTYPES",
+    "PACKAGED_RECIPES",
     "calibration_windows",
     "gap_recovered",
     "load_causal_lm",
@@ -36,6 +44,9 @@ __all__ = [
     "scoring_windows",
     "GAP_RECOVERED",
 ]
+
+#: The recipes shipped in the package (``recipes/`` in the repository points here).
+PACKAGED_RECIPES = Path(__file__).resolve().parent / "recipes"
 
 #: How the tables explain their gap-recovered column.
 GAP_RECOVERED = "gap recovered = (ppl_gptq - ppl) / (ppl_gptq - ppl_fp), GPTQ = stock GPTQModifier"
@@ -61,6 +72,19 @@ def one_line_errors(program: str):
         raise SystemExit(f"{program}: {message}") from None
 
 
+def resolve_recipe(value: str | Path) -> Path:
+    """A recipe file: the path as given, else a packaged recipe of that name
+    (``w3a16_qep_gptq`` or ``w3a16_qep_gptq.yaml``)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    packaged = PACKAGED_RECIPES / (path.name if path.suffix else f"{path.name}.yaml")
+    if packaged.is_file():
+        return packaged
+    names = ", ".join(sorted(p.stem for p in PACKAGED_RECIPES.glob("*.yaml")))
+    raise InputError(f"recipe {value} does not exist; packaged recipes: {names}")
+
+
 def load_recipe(path: Path, report: bool = False):
     """The recipe's modifiers, built here (not by ``oneshot``) so the caller holds
     them; :class:`InputError` naming the file (and line, column or field) when
@@ -74,9 +98,7 @@ def load_recipe(path: Path, report: bool = False):
 
     import qep_modifier  # noqa: F401  (registers QEPModifier and FOEMModifier)
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"recipe {path} does not exist")
+    path = resolve_recipe(path)
     text = path.read_text(encoding="utf-8")
     try:
         content = yaml.safe_load(text)
@@ -110,20 +132,19 @@ def load_recipe(path: Path, report: bool = False):
     return recipe
 
 
-def check_recipe_fits(model: str | Path, recipe) -> None:
+def check_recipe_fits(config, recipe) -> None:
     """Refuse, before any weight is loaded, a QEP recipe whose group size does
     not divide a targeted module's input width (a meta-device copy of the model
-    gets the recipe's schemes)."""
+    built from its ``config`` gets the recipe's schemes)."""
     from compressed_tensors.quantization import apply_quantization_config
     from compressed_tensors.utils import match_named_modules
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from qep_modifier.modifier import QEPModifier
 
     ours = [modifier for modifier in recipe.modifiers if isinstance(modifier, QEPModifier)]
     if not ours:
         return
-    config = AutoConfig.from_pretrained(model)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     for modifier in ours:
@@ -269,3 +290,77 @@ def bar_chart(
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return True
+
+
+def model_config(model: str | Path | None):
+    """A model folder's config, or the packaged SmolLM2's (read from its GGUF
+    file when it is not converted yet: no weights are loaded)."""
+    from transformers import AutoConfig
+
+    if model is not None:
+        if not (Path(model) / "config.json").is_file():
+            raise InputError(f"model {model} is not a model folder (no config.json)")
+        return AutoConfig.from_pretrained(model)
+    from qep_modifier.default_model import default_model_config
+
+    return default_model_config()
+
+
+#: what users serve: ``--dtype`` choices of the tools that save checkpoints
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def save_checkpoint(model, tokenizer, output: Path, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    """Save ``model`` compressed (``pack-quantized``) in ``dtype`` (scales and the
+    unquantized tensors; the packed integers do not change), with its tokenizer;
+    every file readable by all (as the rest of a checkpoint is)."""
+    import os
+
+    output = Path(output)
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(output, save_compressed=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in output.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+    return output
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No progress bars (compressed-tensors draws "Compressing model" bars while
+    merely loading a checkpoint)."""
+    import os
+
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+
+
+def quiet_logs(program: str) -> None:
+    """For the command-line tools (not for users' own ``oneshot`` calls): say once
+    which device calibrates, drop the toolkit's repeated device warning and
+    torch.fx's tracing notice, keep everything else."""
+    import logging
+
+    from loguru import logger
+
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    device = "the accelerator" if torch.accelerator.is_available() else "the CPU (no accelerator)"
+    print(f"{program}: calibrating on {device}", flush=True)
+
+    def keep(record) -> bool:
+        return "No accelerator available" not in record["message"]
+
+    logger.remove()
+    logger.add(sys.stderr, level="INFO", filter=keep)

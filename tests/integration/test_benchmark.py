@@ -32,7 +32,7 @@ def test_harness_writes_a_finite_table(tmp_path):
     assert [row["method"] for row in rows] == ["fp", "gptq", "qep_gptq"]
     with output.with_suffix(".csv").open() as handle:
         table = list(csv.DictReader(handle))
-    assert list(table[0].keys()) == ["scheme", "method", "ppl", "gap_recovered", "calib_s", "peak_rss_gib", "rss_increase_gib", "note"]
+    assert list(table[0].keys()) == ["scheme", "method", "ppl", "gap_recovered", "calib_s", "peak_rss_gib", "rss_increase_gib", "note", "ppl_cross"]
     for row in table:
         assert math.isfinite(float(row["ppl"]))
     for row in table[1:]:

@@ -65,7 +65,7 @@ def test_oneshot_saves_packed_checkpoint_and_prints_report(quantized):
     out = captured["stdout"]
     assert captured["code"] == 0
     assert "4 windows of 32 tokens" in out
-    assert f"saved compressed (pack-quantized) to {output}" in out
+    assert f"saved compressed (pack-quantized, bfloat16) to {output}" in out
     assert (output / "config.json").is_file() and (output / "tokenizer.json").is_file()
     assert "no per-layer report" not in out  # QEPModifier keeps error_report
     rows = [line.split() for line in out.splitlines() if line.startswith("model.layers.")]
@@ -147,7 +147,7 @@ def test_resolve_dataset(tmp_path):
         if path.is_file():
             assert resolve_dataset(word) == path
         else:
-            with pytest.raises(SystemExit, match=name):
+            with pytest.raises(workflow.InputError, match=name):
                 resolve_dataset(word)
 
 

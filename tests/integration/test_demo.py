@@ -12,6 +12,7 @@ import torch
 
 from tests.models import VOCAB_SIZE, save_tiny_llama
 from qep_modifier import demo
+from qep_modifier.workflow import InputError
 
 from tests.models import REPO
 
@@ -34,7 +35,7 @@ def test_comparison_uses_the_recipes_scheme_stock_and_with_its_observer():
 
 
 def test_split_text_refuses_a_text_too_short():
-    with pytest.raises(SystemExit, match="too few"):
+    with pytest.raises(InputError, match="too few"):
         demo.split_text(torch.arange(1000), seq_len=512)
     calibration, evaluation = demo.split_text(torch.arange(3000), seq_len=512)
     assert calibration.numel() == 2000 and evaluation.numel() == 1000

@@ -1,6 +1,7 @@
 """QEPModifier through llm-compressor's oneshot on tiny random Llamas."""
 
 import functools
+import re
 
 import pytest
 import torch
@@ -291,17 +292,17 @@ def test_calibration_work_per_layer_and_batch(tiny_llama, calibration, monkeypat
     # QEP per layer and batch: the full-precision pass (7 products; the last
     # layer's stops before gate: nothing reads its output or the MLP's), the
     # quantized-stream replays up to o (q k v), up to gate (o: q k v kept from
-    # the replay before) and up to down (gate and up: the attention block
-    # kept), and the pipeline's propagation pass (7). The calibration pass
-    # computes its first batch only, and QEP traces each layer once (7 + 7).
-    # Without kept outputs (resume_replays off) the replays recompute q k v
-    # twice and the attention block once more; without the cached
-    # full-precision inputs the full-precision stream is replayed up to o and
-    # up to gate (3 + 4) and the last layer's pass is not run at all.
+    # the replay before) and up to down (gate and up: q k v o kept; the
+    # attention itself recomputed), and the pipeline's propagation pass (7).
+    # The calibration pass computes its first batch only, and QEP traces each
+    # layer once (7 + 7). Without kept outputs (resume_replays off) the replays
+    # recompute q k v twice and o once more; without the cached full-precision
+    # inputs the full-precision stream is replayed up to o and up to gate
+    # (3 + 4) and the last layer's pass is not run at all.
     cases = {
-        "defaults": ({}, 3 + 1 + 2, 1 + 1, 0, 0),
+        "defaults": ({}, 3 + 1 + 2, 1 + 1 + 1, 0, 0),
         "resume off": ({"resume_replays": False}, 3 + 4 + 6, 1 + 1 + 1, 0, 0),
-        "cache off": ({"cache_full_precision_inputs": False}, 3 + 1 + 2, 1 + 1, 3 + 4, 2),
+        "cache off": ({"cache_full_precision_inputs": False}, 3 + 1 + 2, 1 + 1 + 1, 3 + 4, 2),
     }
     for label, (fields, replays, replay_attention, fp_replays, fp_replay_attention) in cases.items():
         counts.update(linear=0, hessian=0, attention=0)
@@ -355,3 +356,26 @@ def test_nothing_is_left_swapped_or_silenced(tiny_llama, calibration):
     with pytest.raises(RuntimeError, match="propagate_error=True"):
         quantize(model, QEPModifier(**W3), calibration, propagate_error=False)
     assert _real_forwards(model)
+
+
+def test_auto_strength_chooses_per_module_from_held_out_batches(tiny_llama, calibration, warnings):
+    from qep_modifier.correction import AUTO_CANDIDATES
+
+    recipe = QEPModifier(propagation_strength={r"down_proj$": 0.0, "default": "auto"}, **W3)
+    model = quantize(tiny_llama, recipe, calibration)
+    chosen = recipe.chosen_strengths
+    corrected = [name for name in quantized_linears(model) if not name.endswith("down_proj")]
+    assert sorted(chosen) == sorted(corrected)
+    assert set(chosen.values()) <= set(AUTO_CANDIDATES)
+    # the same strengths given by hand give the same weights: auto only chooses
+    by_hand = {re.escape(name) + "$": value for name, value in chosen.items()}
+    fixed = QEPModifier(propagation_strength={**by_hand, "default": 0.0}, **W3)
+    _assert_same_weights(quantized_linears(model), quantized_linears(quantize(tiny_llama, fixed, calibration)))
+    assert not any("auto needs" in message for message in warnings)
+
+
+def test_auto_strength_with_one_batch_falls_back_with_a_warning(tiny_llama, warnings):
+    recipe = QEPModifier(propagation_strength="auto", **W3)
+    quantize(tiny_llama, recipe, token_dataset(1, 64, seed=1))
+    assert set(recipe.chosen_strengths.values()) == {0.5}
+    assert any("auto needs calibration batches on both sides" in message for message in warnings)

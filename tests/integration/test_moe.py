@@ -57,9 +57,9 @@ def test_experts_in_one_group_per_role(tmp_path):
     seen_groups = []
 
     class Recording(QEPModifier):
-        def _quantize_group(self, modules, statistics):
+        def _quantize_group(self, modules, statistics, *args):
             seen_groups.append([self._module_names[module] for module in modules])
-            super()._quantize_group(modules, statistics)
+            super()._quantize_group(modules, statistics, *args)
 
     model_dir = save_tiny_qwen3_moe(tmp_path / "moe")
     quantize(

@@ -102,6 +102,41 @@ def checkpoint(tmp_path_factory):
 
 
 def test_reader_finds_dense_3bit_layout(checkpoint):
+    _assert_dense_layout(checkpoint, bits=3, group_size=32)
+
+
+def test_spinquant_then_qep_is_a_plain_checkpoint_vllm_can_load(tmp_path, monkeypatch, capsys):
+    # R1 + R2 are fused into the weights: the saved model has the same dense
+    # layout as any QEP checkpoint and reloads with the logits it had in memory
+    import json
+
+    from tests.models import load_model, logits
+
+    model_dir = save_tiny_llama(tmp_path / "tiny")
+    output = tmp_path / "spinquant"
+    held_out = torch.tensor(token_dataset(2, 24, seed=3)["input_ids"])
+    model = quantize(
+        model_dir, str(REPO / "recipes" / "w3a16_spinquant_qep.yaml"), token_dataset(4, 32, seed=1),
+        output_dir=str(output),
+    )
+    in_memory = logits(model, held_out)
+    torch.testing.assert_close(logits(load_model(output), held_out), in_memory, rtol=1e-4, atol=1e-4)
+    _assert_dense_layout(output, bits=3, group_size=64, scale_dtype="float32")
+    # the config records the rotations, all at weight locations (fused offline):
+    # vLLM runs only input/output (online) transforms at serving time
+    config = json.loads((output / "config.json").read_text())["quantization_config"]
+    locations = {
+        apply["location"]
+        for group in config["transform_config"]["config_groups"].values()
+        for apply in group["apply"]
+    }
+    assert locations <= {"weight_input", "weight_output"}, locations
+    fake_vllm(monkeypatch, packing="dense")
+    assert vllm_check.main([str(output)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("OK: vLLM 0.33.0+fake creates")
+
+
+def _assert_dense_layout(checkpoint, bits, group_size, scale_dtype="float32"):
     spec = read_checkpoint_spec(checkpoint)
     prefixes = quantized_layers(spec)
     assert prefixes == sorted(
@@ -118,10 +153,10 @@ def test_reader_finds_dense_3bit_layout(checkpoint):
         out_features, in_features = sizes[prefix]
         assert spec[f"{prefix}.weight_packed"] == (
             "int32",
-            (out_features, math.ceil(in_features * 3 / 32)),  # dense: 3 bits back to back
+            (out_features, math.ceil(in_features * bits / 32)),  # dense: bits back to back
         )
-        assert spec[f"{prefix}.weight_scale"][1] == (out_features, in_features // 32)
-        assert spec[f"{prefix}.weight_scale"][0] == "float32"
+        assert spec[f"{prefix}.weight_scale"][1] == (out_features, in_features // group_size)
+        assert spec[f"{prefix}.weight_scale"][0] == scale_dtype
         assert spec[f"{prefix}.weight_shape"] == ("int64", (2,))
         assert f"{prefix}.weight" not in spec
     assert spec["lm_head.weight"] == ("float32", (256, 128))  # ignored: stays dense

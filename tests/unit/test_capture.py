@@ -184,7 +184,7 @@ def test_replays_resume_from_the_submodules_the_previous_one_finished(computed):
                 assert torch.equal(batch_got[name][0], batch_expected[name][0])
     q, k, v, o, gate, up, down = _linears(layer)
     # q k v computed once per batch (replay for o), o once (for gate/up: q k v
-    # kept), gate and up once (for down: the attention block kept)
+    # kept), gate and up once (for down: q k v o kept)
     assert computed(layer) == {q: 2, k: 2, v: 2, o: 2, gate: 2, up: 2}
     assert replay.kept == {}  # the last replay used and dropped them
 

@@ -151,3 +151,68 @@ def test_relative_output_error_matches_direct_computation():
     assert relative_output_error(weight, corrected, gram, cross, hessian) < relative_output_error(
         weight, weight, gram, cross, hessian
     )
+
+
+def _normalised(full_precision, quantized):
+    """(G, C, H~) in float64 with the modifier's 2/n normalisation (n = 1)."""
+    return (
+        2.0 * full_precision.t() @ full_precision,
+        2.0 * (full_precision - quantized).t() @ quantized,
+        2.0 * quantized.t() @ quantized,
+    )
+
+
+def test_auto_held_out_error_is_the_direct_one():
+    from qep_modifier.correction import AUTO_CANDIDATES, choose_strength
+
+    weight, x_fit, x_q_fit = _streams(seed=11)
+    _, x_held, x_q_held = _streams(seed=12)
+    _, fit_cross, fit_hessian = _normalised(x_fit, x_q_fit)
+    held = _normalised(x_held, x_q_held)
+    best, errors = choose_strength(weight, (fit_cross, fit_hessian), held, correction_damping=0.01)
+    assert set(errors) == set(AUTO_CANDIDATES) and best in AUTO_CANDIDATES
+    for strength, error in errors.items():
+        candidate, _ = corrected_weight(weight, fit_cross, fit_hessian, strength, 0.01)
+        direct = torch.linalg.norm(weight @ x_held.t() - candidate @ x_q_held.t()) / torch.linalg.norm(
+            weight @ x_held.t()
+        )
+        assert error == pytest.approx(direct.item(), rel=1e-9), strength
+
+
+def test_auto_picks_no_correction_where_it_does_not_generalise():
+    from qep_modifier.correction import choose_strength
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(8, 16, generator=generator, dtype=torch.float64)
+    x_fit = torch.randn(200, 16, generator=generator, dtype=torch.float64)
+    distortion = torch.eye(16, dtype=torch.float64) + 0.3 * torch.randn(16, 16, generator=generator, dtype=torch.float64)
+    # the fitting batches' quantized stream is distorted; the held-out one is not
+    x_q_fit = x_fit @ distortion
+    x_held = torch.randn(200, 16, generator=generator, dtype=torch.float64)
+    _, fit_cross, fit_hessian = _normalised(x_fit, x_q_fit)
+    best, errors = choose_strength(weight, (fit_cross, fit_hessian), _normalised(x_held, x_held), 0.01)
+    assert best == 0.0 and errors[0.0] == pytest.approx(0.0, abs=1e-12)
+    assert errors[1.0] > errors[0.5] > errors[0.0]
+
+
+def test_auto_picks_a_correction_where_the_shift_is_shared():
+    from qep_modifier.correction import choose_strength
+
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(8, 16, generator=generator, dtype=torch.float64)
+    distortion = torch.eye(16, dtype=torch.float64) + 0.3 * torch.randn(16, 16, generator=generator, dtype=torch.float64)
+    x_fit, x_held = (torch.randn(300, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    _, fit_cross, fit_hessian = _normalised(x_fit, x_fit @ distortion)
+    best, errors = choose_strength(
+        weight, (fit_cross, fit_hessian), _normalised(x_held, x_held @ distortion), 0.01
+    )
+    assert best > 0.0 and errors[best] < errors[0.0]
+
+
+def test_resolve_accepts_auto_in_a_mapping():
+    from qep_modifier.correction import AUTO
+
+    mapping = {r"down_proj$": 0.0, "default": "auto"}
+    assert resolve_propagation_strength("model.layers.0.mlp.down_proj", mapping) == 0.0
+    assert resolve_propagation_strength("model.layers.0.self_attn.q_proj", mapping) == AUTO
+    assert resolve_propagation_strength("x", "auto") == AUTO

@@ -125,3 +125,17 @@ def test_an_unrouted_call_counts_no_token():
     stats = _stats(module)
     accumulate_batch({module: stats}, {module: [torch.zeros(0, WIDTH)]})
     assert stats.tokens == 0 and stats.hessian.abs().sum() == 0
+
+
+def test_minus_leaves_the_other_batches():
+    module = torch.nn.Linear(WIDTH, 4)
+    full_precision, quantized = _batches(5, count=2)
+    whole = _stats(module, cross_term=True, full_precision_gram=True)
+    first, second = (_stats(module, cross_term=True, full_precision_gram=True) for _ in range(2))
+    for index, (x, x_q) in enumerate(zip(full_precision, quantized)):
+        accumulate_batch({module: whole}, {module: [x_q]}, {module: [x]})
+        accumulate_batch({module: (first, second)[index]}, {module: [x_q]}, {module: [x]})
+    rest = whole.minus(second)
+    for name in ("hessian", "cross_term", "full_precision_gram"):
+        torch.testing.assert_close(getattr(rest, name), getattr(first, name), rtol=1e-5, atol=1e-5)
+    assert rest.num_samples.item() == 1 and rest.tokens == first.tokens
