@@ -103,6 +103,21 @@ METHODS = {
         {},
         "QEP + GPTQ, propagation_strength auto (every module), mse observer, static act-order",
     ),
+    "gptq_sweep_scales": (
+        _qep(weights_extra=BEST, propagation_strength=0.0, true_sequential=False, group_scales="sweep"),
+        {},
+        "GPTQ (QEPModifier with strength 0, no within-block order), mse group scales chosen in the sweep",
+    ),
+    "qep_sweep_scales": (
+        _qep(weights_extra=BEST, group_scales="sweep"),
+        {},
+        "QEP + GPTQ, mse group scales chosen in the sweep (group-aware order)",
+    ),
+    "qep_auto_sweep_scales": (
+        _qep(weights_extra=BEST, group_scales="sweep", propagation_strength="auto"),
+        {},
+        "QEP + GPTQ, auto strength, mse group scales chosen in the sweep",
+    ),
     "spinquant_gptq_best": (_rotated(_gptq(**BEST)), {}, "SpinQuant R1+R2, then GPTQModifier, mse observer"),
     "spinquant_qep_best": (
         _rotated(_qep(weights_extra=BEST)), {}, "SpinQuant R1+R2, then QEP + GPTQ, mse observer"

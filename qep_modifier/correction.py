@@ -30,6 +30,7 @@ __all__ = [
     "choose_strength",
     "corrected_weight",
     "relative_output_error",
+    "relative_output_errors",
     "resolve_propagation_strength",
     "CorrectionFailed",
 ]
@@ -161,7 +162,7 @@ def choose_strength(
     than no correction.
     """
     cross_term, hessian = fit
-    errors = {}
+    corrected = []
     for strength in candidates:
         try:
             candidate, _ = corrected_weight(
@@ -169,7 +170,8 @@ def choose_strength(
             )
         except CorrectionFailed:
             candidate = weight
-        errors[strength] = relative_output_error(weight, candidate, *held_out)
+        corrected.append(candidate)
+    errors = dict(zip(candidates, relative_output_errors(weight, corrected, *held_out)))
     best = min(candidates, key=lambda strength: (errors[strength], strength))
     return best, errors
 
@@ -188,11 +190,29 @@ def relative_output_error(
 
         ||W X - V X~||^2 = tr(W G W^T) - 2 tr(W (C + H~) V^T) + tr(V H~ V^T).
     """
+    return relative_output_errors(
+        weight, [candidate], full_precision_gram, cross_term, hessian
+    )[0]
+
+
+def relative_output_errors(
+    weight: torch.Tensor,
+    candidates: list[torch.Tensor],
+    full_precision_gram: torch.Tensor,
+    cross_term: torch.Tensor,
+    hessian: torch.Tensor,
+) -> list[float]:
+    """:func:`relative_output_error` of several candidates against one weight:
+    the terms of ``W`` alone are computed once."""
     weight = weight.double()
-    candidate = candidate.double()
     hessian = hessian.double()
     reference = torch.sum((weight @ full_precision_gram.double()) * weight)
-    mixed = torch.sum((weight @ (cross_term.double() + hessian)) * candidate)
-    quantized = torch.sum((candidate @ hessian) * candidate)
-    squared = torch.clamp(reference - 2.0 * mixed + quantized, min=0.0)
-    return float(torch.sqrt(squared / reference)) if reference > 0 else 0.0
+    mixed_left = weight @ (cross_term.double() + hessian)
+    errors = []
+    for candidate in candidates:
+        candidate = candidate.double()
+        mixed = torch.sum(mixed_left * candidate)
+        quantized = torch.sum((candidate @ hessian) * candidate)
+        squared = torch.clamp(reference - 2.0 * mixed + quantized, min=0.0)
+        errors.append(float(torch.sqrt(squared / reference)) if reference > 0 else 0.0)
+    return errors

@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="local HF folder (none: the packaged SmolLM2-135M-Instruct)")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT,
                         help="plain text: calibration from its first 2/3, evaluation on the rest")
-    parser.add_argument("--num-samples", type=int, default=16, help="calibration windows")
+    parser.add_argument("--num-samples", type=int, default=8, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    parser.add_argument("--eval-windows", type=int, default=10, help="evaluation windows (at most)")
+    parser.add_argument("--eval-windows", type=int, default=8, help="evaluation windows (at most)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the calibration windows")
     parser.add_argument("--output", type=Path, default=Path("out/smollm2-qep"),
                         help="where the recipe's compressed checkpoint goes")

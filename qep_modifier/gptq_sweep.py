@@ -115,7 +115,9 @@ from llmcompressor.modifiers.gptq.helpers import (
 
 __all__ = [
     "FIRST_ORDER_REACHES",
+    "group_aware_order",
     "quantize_weight_first_order",
+    "quantize_weight_group_scales",
     "validate_first_order_args",
 ]
 
@@ -374,3 +376,159 @@ def _first_order_block_update(
             W1[:, :, i + 1 :] -= pull
         else:
             W1[:, :, i + 1] -= pull
+
+
+def group_aware_order(hessian_diagonals: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A sweep order that keeps each quantization group's columns together:
+    groups by descending summed ``diag(H)``, columns within a group by
+    descending ``diag(H)``. ``[batch, columns]`` -> permutation ``[batch, columns]``.
+
+    The stored weight keeps its column order and one scale per original group, so
+    no ``g_idx`` is needed to serve it (unlike reordering columns across groups).
+    """
+    batch, columns = hessian_diagonals.shape
+    groups = columns // group_size
+    by_group = hessian_diagonals.reshape(batch, groups, group_size)
+    group_rank = torch.argsort(by_group.sum(-1), dim=-1, descending=True)  # [batch, groups]
+    within = torch.argsort(by_group, dim=-1, descending=True)  # [batch, groups, gs]
+    ordered = torch.gather(within, 1, group_rank.unsqueeze(-1).expand(-1, -1, group_size))
+    offsets = (group_rank * group_size).unsqueeze(-1)
+    return (ordered + offsets).reshape(batch, columns)
+
+
+def quantize_weight_group_scales(
+    weights: torch.Tensor,
+    hessians: torch.Tensor,
+    quant_args: QuantizationArgs,
+    group_qparams,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    first_order_strength: float = 0.0,
+    first_order_reach: str = "next",
+    group_order: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The GPTQ sweep (with FOEM's term when ``first_order_strength > 0``) that
+    chooses each group's scale when it reaches the group, from the group's
+    weights as the sweep has compensated them so far, as the original GPTQ does
+    without static groups. Group strategy only.
+
+    :param group_qparams: ``(item, weights [rows, group_size]) -> (scale, zero_point)``,
+        each ``[rows, 1]``: the observer of batch item ``item``
+    :param group_order: visit groups in :func:`group_aware_order`; otherwise in
+        column order
+    :return: quantized weights, per-item losses, RTN fallback flags, and the
+        scales and zero points ``[batch, rows, groups]`` in original group order
+    """
+    beta, reach = validate_first_order_args(first_order_strength, first_order_reach)
+    if quant_args.strategy != QuantizationStrategy.GROUP or not quant_args.group_size:
+        raise ValueError("quantize_weight_group_scales needs the group strategy")
+    batch_size, num_rows, num_columns = weights.shape
+    group_size = quant_args.group_size
+    if num_columns % group_size:
+        raise ValueError(f"group_size {group_size} does not divide {num_columns} columns")
+    blocksize = max(group_size, blocksize - blocksize % group_size)
+    final_dtype, device = weights.dtype, weights.device
+    W = weights.to(dtype=GPTQ_PRECISION)
+    H = hessians.to(dtype=GPTQ_PRECISION)
+
+    perm = None
+    if group_order:
+        perm = group_aware_order(torch.diagonal(H, dim1=-2, dim2=-1), group_size)
+        W = torch.gather(W, -1, perm.unsqueeze(-2).expand(-1, num_rows, -1))
+        H = torch.gather(H, -1, perm.unsqueeze(-2).expand(-1, num_columns, -1))
+        H = torch.gather(H, -2, perm.unsqueeze(-1).expand(-1, -1, num_columns))
+    # original group of each group in sweep order
+    sweep_groups = (
+        (perm[:, ::group_size] // group_size)
+        if perm is not None
+        else torch.arange(num_columns // group_size, device=device).expand(batch_size, -1)
+    )
+
+    losses = torch.zeros(batch_size, num_rows, device=device)
+    used_rtn_fallback = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    Hinv = factorize_hessian(W, H, percdamp, used_rtn_fallback)
+    W0 = W.clone() if beta != 0 else None
+    groups = num_columns // group_size
+    scales = torch.zeros(batch_size, num_rows, groups, device=device)
+    zero_points = None
+    channel_args = copy(quant_args)
+    channel_args.strategy = QuantizationStrategy.CHANNEL
+
+    for i1 in range(0, num_columns, blocksize):
+        i2 = min(i1 + blocksize, num_columns)
+        width = i2 - i1
+        W1 = W[:, :, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        eff = zp = None
+        for i in range(width):
+            column = i1 + i
+            if column % group_size == 0:  # a new group: its scale from its weights now
+                eff, zp = [], []
+                for item in range(batch_size):
+                    scale, zero = group_qparams(item, W1[item, :, i : i + group_size])
+                    original = int(sweep_groups[item, column // group_size])
+                    scales[item, :, original] = scale.reshape(-1).to(scales.dtype)
+                    if zero is not None:
+                        if zero_points is None:
+                            zero_points = torch.zeros(
+                                batch_size, num_rows, groups, device=device, dtype=zero.dtype
+                            )
+                        zero_points[item, :, original] = zero.reshape(-1)
+                    eff.append(scale.reshape(-1))
+                    zp.append(None if zero is None else zero.reshape(-1))
+                eff = torch.stack(eff).to(device)  # [batch, rows]
+                zp = None if zp[0] is None else torch.stack(zp).to(device)
+            w = W1[:, :, i]
+            q = fake_quantize(
+                w.transpose(0, 1), eff.transpose(0, 1),
+                None if zp is None else zp.transpose(0, 1), channel_args,
+            ).transpose(0, 1)
+            diagonal = Hinv1[:, i, i]
+            if W0 is None:
+                error = (w - q) / diagonal[:, None]
+            else:
+                error = ((w - q) - beta * (w - W0[:, :, i1 + i])) / diagonal[:, None]
+            Q1[:, :, i] = q
+            Err1[:, :, i] = error
+            losses += error.square() / 2
+            if W0 is None:
+                W1[:, :, i:] -= error.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
+                continue
+            if i + 1 >= width:
+                continue
+            if reach == "all":
+                pull = beta * (W1[:, :, i + 1 :] - W0[:, :, i1 + i + 1 : i2])
+            else:
+                pull = beta * (W1[:, :, i + 1] - W0[:, :, i1 + i + 1])
+            W1[:, :, i + 1 :] -= error.unsqueeze(-1) * Hinv1[:, i, i + 1 :].unsqueeze(1)
+            if reach == "all":
+                W1[:, :, i + 1 :] -= pull
+            else:
+                W1[:, :, i + 1] -= pull
+        W[:, :, i1:i2] = Q1
+        if i2 >= num_columns:
+            continue
+        if W0 is None:
+            W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
+        elif reach == "all":
+            decay = torch.pow(
+                torch.tensor(1.0 - beta, dtype=torch.float64),
+                torch.arange(width - 1, -1, -1, dtype=torch.float64),
+            ).to(device=device, dtype=GPTQ_PRECISION)
+            W0_tail = W0[:, :, i2:]
+            W[:, :, i2:] = W0_tail + (1.0 - beta) ** width * (W[:, :, i2:] - W0_tail) - torch.bmm(
+                Err1 * decay, Hinv[:, i1:i2, i2:]
+            )
+        else:
+            before_last = W[:, :, i2] - torch.bmm(
+                Err1[:, :, : width - 1], Hinv[:, i1 : i2 - 1, i2 : i2 + 1]
+            ).squeeze(-1)
+            W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
+            W[:, :, i2] -= beta * (before_last - W0[:, :, i2])
+
+    if perm is not None:
+        inverse = torch.argsort(perm, dim=-1)
+        W = torch.gather(W, -1, inverse.unsqueeze(-2).expand(-1, num_rows, -1))
+    return W.to(final_dtype), losses.sum(dim=1), used_rtn_fallback, scales, zero_points

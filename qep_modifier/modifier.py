@@ -51,6 +51,7 @@ from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 from llmcompressor.modifiers.gptq.helpers import (
+    GPTQ_PRECISION,
     assign_batches,
     prepare_batch,
     update_batch_qparams,
@@ -73,7 +74,7 @@ from qep_modifier.correction import (
     choose_strength,
     CorrectionFailed,
     corrected_weight,
-    relative_output_error,
+    relative_output_errors,
     resolve_propagation_strength,
 )
 from qep_modifier.distributed import (
@@ -85,7 +86,7 @@ from qep_modifier.distributed import (
     reduce_statistics,
     shared,
 )
-from qep_modifier.gptq_sweep import quantize_weight_first_order
+from qep_modifier.gptq_sweep import quantize_weight_first_order, quantize_weight_group_scales
 from qep_modifier.plan import Group, LayerPlan, TraceCall, expert_role, plan_layer, plan_subgraph
 from qep_modifier.statistics import LinearStatistics, accumulate_batch
 
@@ -123,7 +124,7 @@ _PROBLEMS = {
 _RECIPE_FIELDS = (
     "targets", "ignore", "scheme", "config_groups", "weight_observer", "actorder",
     "block_size", "dampening_frac", "propagation_strength", "correction_damping",
-    "base", "true_sequential", "first_order_strength", "first_order_reach",
+    "base", "true_sequential", "first_order_strength", "first_order_reach", "group_scales",
     "stream_offload_device", "cache_full_precision_inputs", "resume_replays",
     "report_errors",
 )
@@ -180,6 +181,12 @@ class QEPModifier(GPTQModifier):
         when a column is quantized: ``next`` (the next column in sweep order,
         as the authors' code does) or ``all`` (every remaining column); see
         :mod:`qep_modifier.gptq_sweep`
+    :param group_scales: with the group strategy, where each group's scale comes
+        from: ``observer`` (the weight observer on the whole corrected weight
+        before the sweep, as GPTQModifier does) or ``sweep`` (the observer on
+        the group's weights when the sweep reaches it, after the compensation of
+        the groups before; groups are then visited by importance, the columns
+        within each group too, which needs no ``g_idx`` to serve)
     :param stream_offload_device: where the full-precision stream, the recorded
         layer calls and the kept activations wait; keep it equal to oneshot's
         ``sequential_offload_device``
@@ -206,6 +213,7 @@ class QEPModifier(GPTQModifier):
     first_order_strength: float = 0.0
     first_order_reach: Literal["next", "all"] = "next"
     stream_offload_device: str | None = "cpu"
+    group_scales: Literal["observer", "sweep"] = "observer"
     cache_full_precision_inputs: bool = True
     resume_replays: bool = True
     report_errors: bool = False
@@ -663,14 +671,13 @@ class QEPModifier(GPTQModifier):
                 for batch in batches:
                     self._sweep(batch, statistics)
             for module, (weight, hessian, cross_term, gram) in report.items():
-                errors = {
-                    label: relative_output_error(weight, candidate, gram, cross_term, hessian)
-                    for label, candidate in (
-                        ("before", weight),
-                        ("corrected", corrected[module]),
-                        ("quantized", module.weight.detach()),
+                candidates = [weight, corrected[module], module.weight.detach()]
+                errors = dict(
+                    zip(
+                        ("before", "corrected", "quantized"),
+                        relative_output_errors(weight, candidates, gram, cross_term, hessian),
                     )
-                }
+                )
                 if not self._corrects(module):
                     errors["corrected"] = None
                 name = self._module_names[module]
@@ -726,8 +733,12 @@ class QEPModifier(GPTQModifier):
         the sweep is :func:`~qep_modifier.gptq_sweep.quantize_weight_first_order`
         when ``first_order_strength > 0`` (with 0, the toolkit's
         ``quantize_weight`` as upstream); round-to-nearest fallbacks go to the
-        summary of :meth:`on_finalize`.
+        summary of :meth:`on_finalize`; with ``group_scales: sweep`` the scales
+        come from :func:`~qep_modifier.gptq_sweep.quantize_weight_group_scales`.
         """
+        quant_args = getattr_chain(batch[0], "quantization_scheme.weights")
+        if self.group_scales == "sweep" and quant_args.strategy == "group":
+            return self._sweep_with_group_scales(batch, statistics, quant_args)
         sweep = quantize_weight
         if self.first_order_strength > 0:
             sweep = partial(
@@ -735,7 +746,6 @@ class QEPModifier(GPTQModifier):
                 first_order_strength=self.first_order_strength,
                 first_order_reach=self.first_order_reach,
             )
-        quant_args = getattr_chain(batch[0], "quantization_scheme.weights")
         qparams = [module.weight_observer.get_qparams() for module in batch]
         names = [self._module_names[module] for module in batch]
         logger.info(f"QEP: quantizing {names}")
@@ -766,6 +776,43 @@ class QEPModifier(GPTQModifier):
         update_batch_qparams(
             batch, quantized, scales, zero_points, global_scales, quant_args
         )
+
+    def _sweep_with_group_scales(self, batch, statistics, quant_args) -> None:
+        """``group_scales: sweep``: each group's scale chosen by the module's
+        observer when the sweep reaches the group."""
+
+        def group_qparams(item: int, weights: torch.Tensor):
+            observer = batch[item].weight_observer
+            observer(weights)
+            qparams = observer.get_qparams()
+            return qparams["scale"], qparams["zero_point"]
+
+        names = [self._module_names[module] for module in batch]
+        logger.info(f"QEP: quantizing {names} (group scales from the sweep)")
+        _, hessians, _, _, _ = prepare_batch(
+            batch,
+            [module.weight_observer.get_qparams() for module in batch],
+            {module: statistics[module].hessian for module in batch},
+            {module: statistics[module].num_samples for module in batch},
+        )
+        weights = torch.stack([module.weight.detach() for module in batch]).to(GPTQ_PRECISION)
+        with contextlib.ExitStack() as loggers:
+            metric_loggers = [loggers.enter_context(CompressionLogger(m)) for m in batch]
+            quantized, losses, fell_back, scales, zero_points = quantize_weight_group_scales(
+                weights,
+                hessians,
+                quant_args,
+                group_qparams,
+                blocksize=self.block_size,
+                percdamp=self.dampening_frac,
+                first_order_strength=self.first_order_strength,
+                first_order_reach=self.first_order_reach,
+            )
+            for index, metric_logger in enumerate(metric_loggers):
+                metric_logger.set_results(name="QEP", loss=losses[index].item())
+                if fell_back[index].item():
+                    self._note("rtn_fallback", batch[index])
+        update_batch_qparams(batch, quantized, scales, zero_points, None, quant_args)
 
     def _round_to_nearest(self, modules: list[torch.nn.Module], reason: str | None = None):
         """Round ``modules`` to their observer's grid (``base: rtn``; with a

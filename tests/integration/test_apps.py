@@ -168,7 +168,8 @@ def test_a_built_wheel_runs_the_demo_outside_the_repository(workspace, tmp_path)
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps",
                     "--no-build-isolation", "-q", "-w", str(wheels)], **run)
     (wheel,) = wheels.glob("qep_modifier-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix",
+    # --ignore-installed: never touch the environment running the tests
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", "--prefix",
                     str(prefix), str(wheel)], **run)
     site = next(prefix.glob("lib/python*/site-packages"))
     environment = {**os.environ, "PYTHONPATH": str(site)}

@@ -216,3 +216,14 @@ def test_resolve_accepts_auto_in_a_mapping():
     assert resolve_propagation_strength("model.layers.0.mlp.down_proj", mapping) == 0.0
     assert resolve_propagation_strength("model.layers.0.self_attn.q_proj", mapping) == AUTO
     assert resolve_propagation_strength("x", "auto") == AUTO
+
+
+def test_several_candidates_score_as_one_at_a_time():
+    from qep_modifier.correction import relative_output_errors
+
+    weight, x, x_q = _streams(seed=21)
+    gram, cross, hessian = _normalised(x, x_q)
+    candidates = [weight, weight * 0.9, weight + 0.01]
+    together = relative_output_errors(weight, candidates, gram, cross, hessian)
+    assert together == [relative_output_error(weight, c, gram, cross, hessian) for c in candidates]
+    assert together[0] > 0  # the streams differ: the original weight has an error

@@ -455,3 +455,82 @@ def test_validate_first_order_args_accepts_good_values():
     assert validate_first_order_args(0.1, "next") == (0.1, "next")
     with pytest.raises(ValueError, match="first_order_reach"):
         validate_first_order_args(0.1, "All")
+
+
+# ------------------------------------------------ group scales chosen by the sweep
+
+
+def _group_args(bits=3, group_size=16, symmetric=True):
+    return QuantizationArgs(
+        num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size
+    )
+
+
+def test_group_aware_order_keeps_groups_together_most_important_first():
+    from qep_modifier.gptq_sweep import group_aware_order
+
+    diagonal = torch.tensor([[1.0, 5.0, 2.0, 9.0, 0.5, 0.1]])  # groups of 2: sums 6, 11, 0.6
+    order = group_aware_order(diagonal, group_size=2)
+    assert order.tolist() == [[3, 2, 1, 0, 4, 5]]
+    assert sorted(order[0].tolist()) == list(range(6))
+
+
+def test_sweep_with_fixed_group_scales_is_the_toolkits_sweep():
+    from qep_modifier.gptq_sweep import quantize_weight_group_scales
+
+    generator = torch.Generator().manual_seed(5)
+    weights = torch.randn(2, 8, 64, generator=generator)
+    inputs = torch.randn(2, 256, 64, generator=generator)
+    hessians = inputs.transpose(1, 2) @ inputs / 256
+    args = _group_args()
+    observers = [Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args) for _ in range(2)]
+    fixed = []
+    for item in range(2):
+        observers[item](weights[item])
+        fixed.append(observers[item].get_qparams())
+    scale = torch.stack([q["scale"] for q in fixed])
+    zero = torch.stack([q["zero_point"] for q in fixed])
+    reference, _, _ = quantize_weight(weights.clone(), hessians.clone(), scale, zero, None, args, 32, 0.01)
+
+    def same_scales(item, group_weights):  # the group's precomputed scale, whatever it sees
+        column = same_scales.calls[item] * args.group_size
+        same_scales.calls[item] += 1
+        group = column // args.group_size
+        return fixed[item]["scale"][:, group : group + 1], fixed[item]["zero_point"][:, group : group + 1]
+
+    same_scales.calls = [0, 0]
+    ours, _, _, scales, zeros = quantize_weight_group_scales(
+        weights.clone(), hessians.clone(), args, same_scales, blocksize=32, group_order=False
+    )
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    assert torch.equal(scales, scale) and torch.equal(zeros, zero)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_sweep_group_scales_land_on_their_grid(symmetric, beta):
+    from compressed_tensors.quantization import fake_quantize
+
+    from qep_modifier.gptq_sweep import quantize_weight_group_scales
+
+    generator = torch.Generator().manual_seed(6)
+    weights = torch.randn(1, 8, 64, generator=generator)
+    inputs = torch.randn(1, 256, 64, generator=generator) * torch.linspace(0.2, 3, 64)
+    hessians = inputs.transpose(1, 2) @ inputs / 256
+    args = _group_args(symmetric=symmetric)
+    observer = Observer.load_from_registry("memoryless_mse", base_name="weight", args=args)
+    seen = []
+
+    def by_observer(item, group_weights):
+        seen.append(group_weights.shape)
+        observer(group_weights)
+        qparams = observer.get_qparams()
+        return qparams["scale"], qparams["zero_point"]
+
+    quantized, losses, fell_back, scales, zeros = quantize_weight_group_scales(
+        weights, hessians.clone(), args, by_observer, blocksize=32, first_order_strength=beta
+    )
+    assert seen == [torch.Size([8, 16])] * 4 and not fell_back.any()
+    regrid = fake_quantize(quantized[0], scales[0], zeros[0], args)
+    torch.testing.assert_close(regrid, quantized[0], rtol=0, atol=1e-6)
+    assert torch.isfinite(losses).all()
