@@ -299,6 +299,26 @@ def read_rows(path: Path) -> list[dict]:
     return [{column: row.get(column) for column in COLUMNS} for row in rows]
 
 
+def report_chosen_strengths(recipe, scheme: str, method: str, output: Path) -> None:
+    """``propagation_strength: auto``: how often each strength was chosen per
+    module type, printed and written to ``<output>-strengths.json``."""
+    modifiers = recipe if isinstance(recipe, list) else [recipe]
+    chosen = {}
+    for modifier in modifiers:
+        chosen.update(getattr(modifier, "chosen_strengths", {}) or {})
+    if not chosen:
+        return
+    counts: dict[str, dict[str, int]] = {}
+    for name, strength in chosen.items():
+        role = counts.setdefault(name.rsplit(".", 1)[-1], {})
+        role[str(strength)] = role.get(str(strength), 0) + 1
+    print(f"STRENGTHS {scheme} {method} {json.dumps(counts, sort_keys=True)}", flush=True)
+    path = Path(output).with_name(Path(output).stem + "-strengths.json")
+    everything = json.loads(path.read_text()) if path.is_file() else {}
+    everything[f"{scheme} {method}"] = {"per_type": counts, "per_module": chosen}
+    path.write_text(json.dumps(everything, indent=1, sort_keys=True) + "\n")
+
+
 def merge(sources: list[Path], output: Path) -> list[dict]:
     """One table from several runs' CSVs; the header lists each run's command."""
     merged: dict[tuple[str, str], dict] = {}
@@ -384,7 +404,8 @@ def main(argv=None) -> list[dict]:
                 if build is None:
                     model = load_causal_lm(model_path)
                 else:
-                    model = quantize(model_path, build(SCHEMES[scheme]), calibration, **extra)
+                    recipe = build(SCHEMES[scheme])
+                    model = quantize(model_path, recipe, calibration, **extra)
             elapsed = time.perf_counter() - start
             ppl = score(model, windows)
             rows.append(
@@ -401,6 +422,8 @@ def main(argv=None) -> list[dict]:
                 )
             )
             print(f"RESULT {json.dumps(rows[-1])}", flush=True)
+            if build is not None:
+                report_chosen_strengths(recipe, scheme, method, output)
             write_table(rows, output, header)
             del model
             gc.collect()

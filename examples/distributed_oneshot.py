@@ -11,7 +11,8 @@ every rank its own data, llm-compressor 0.14's automatic split gives every rank
 the first shard when all pass the same dataset (QEPModifier refuses that). The
 weights are bit for bit those of one process on the same samples for two ranks;
 with more ranks the summation order of the statistics differs (rounding only).
-Rank 0 saves the compressed checkpoint and prints the error report.
+Every rank takes part in saving (compressed-tensors compresses the model on all
+ranks together); rank 0 writes the files and prints the error report.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def parse_args(argv=None):
                         help="calibration windows in all, split over the ranks (default: 32)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument("--seed", type=int, default=0, help="window positions (default: 0)")
-    parser.add_argument("--output", type=Path, required=True, help="where rank 0 saves the checkpoint")
+    parser.add_argument("--output", type=Path, required=True, help="checkpoint folder (rank 0 writes it)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                         help="dtype of the saved checkpoint (default: bfloat16)")
     return parser.parse_args(argv)
@@ -104,10 +106,13 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         dist.barrier()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print("RANK " + json.dumps({"rank": rank, "world_size": world_size, "calib_s": seconds,
-                                    "peak_rss_gib": peak, "samples": len(shard)}), flush=True)
+        # one write: torchrun runs the ranks unbuffered on one stdout, print's two writes interleave
+        sys.stdout.write("RANK " + json.dumps({"rank": rank, "world_size": world_size, "calib_s": seconds,
+                                               "peak_rss_gib": peak, "samples": len(shard)}) + "\n")
+        sys.stdout.flush()
+        # collective: compressed-tensors compresses on every rank, rank 0 writes
+        save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype])
         if rank == 0:
-            save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype])
             print(f"saved compressed ({args.dtype}) to {args.output}")
             for modifier in recipe.modifiers:
                 rows = getattr(modifier, "error_report", None)

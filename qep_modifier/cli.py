@@ -171,15 +171,17 @@ def _oneshot(args) -> int:
         model_config,
         quantize,
         quiet_logs,
+        say_device,
         save_checkpoint,
     )
 
+    quiet_logs()
     # every check before any model is loaded
     recipe = load_recipe(args.recipe, report=not args.no_report)
     dataset_source = resolve_dataset(args.dataset)
     check_recipe_fits(model_config(args.model), recipe)
 
-    quiet_logs("qep-oneshot")
+    say_device("qep-oneshot")
     model_path = args.model if args.model is not None else default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if isinstance(dataset_source, Path):
@@ -296,8 +298,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         "(needs lm_eval installed, and usually the hub for the task data)",
     )
     args = parser.parse_args(argv)
-    from qep_modifier.workflow import one_line_errors
+    from qep_modifier.workflow import one_line_errors, quiet_logs
 
+    quiet_logs()
     with one_line_errors("qep-eval"):
         return _evaluate(parser, args)
 

@@ -136,12 +136,14 @@ def _run(args) -> int:
         model_config,
         quantize,
         quiet_logs,
+        say_device,
         resolve_recipe,
         save_checkpoint,
         score,
         scoring_windows,
     )
 
+    quiet_logs()
     # every check before any model is loaded
     recipe_path = resolve_recipe(args.recipe)
     if not args.text.is_file():
@@ -151,7 +153,7 @@ def _run(args) -> int:
             f"{type(modifier).__name__} ({recipe_path.name})": recipe_path}
     check_recipe_fits(model_config(args.model), _load(recipe_path))
 
-    quiet_logs("qep-demo")
+    say_device("qep-demo")
     model_path = args.model or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     ids = tokenize_text(tokenizer, args.text)

@@ -31,6 +31,7 @@ __all__ = [
     "model_config",
     "quiet_loading",
     "quiet_logs",
+    "say_device",
     "resolve_recipe",
     "save_checkpoint",
     "DTYPES",
@@ -313,13 +314,20 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def save_checkpoint(model, tokenizer, output: Path, dtype: torch.dtype | None = torch.bfloat16) -> Path:
     """Save ``model`` compressed (``pack-quantized``) in ``dtype`` (scales and the
     unquantized tensors; the packed integers do not change), with its tokenizer;
-    every file readable by all (as the rest of a checkpoint is)."""
+    every file readable by all (as the rest of a checkpoint is).
+
+    Under torch.distributed every rank must call it: compressed-tensors compresses
+    the model on all ranks together, then rank 0 alone writes the files."""
     import os
+
+    import torch.distributed as dist
 
     output = Path(output)
     if dtype is not None:
         model.to(dtype)
     model.save_pretrained(output, save_compressed=True)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return output
     if tokenizer is not None:
         tokenizer.save_pretrained(output)
     umask = os.umask(0)
@@ -347,20 +355,34 @@ def quiet_loading():
             os.environ["TQDM_DISABLE"] = previous
 
 
-def quiet_logs(program: str) -> None:
-    """For the command-line tools (not for users' own ``oneshot`` calls): say once
-    which device calibrates, drop the toolkit's repeated device warning and
-    torch.fx's tracing notice, keep everything else."""
+def quiet_logs() -> None:
+    """For the command-line tools (not for users' own ``oneshot`` calls), called
+    before anything else: drop the toolkit's repeated device warning, its
+    "Loading recipe" line (the tools read a recipe several times to check it) and
+    torch.fx's tracing notice; keep everything else. :func:`say_device` then
+    says once which device calibrates."""
     import logging
 
     from loguru import logger
 
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    device = "the accelerator" if torch.accelerator.is_available() else "the CPU (no accelerator)"
-    print(f"{program}: calibrating on {device}", flush=True)
+
+    from llmcompressor.logger import LoggerConfig, configure_logger, support_log_once
 
     def keep(record) -> bool:
-        return "No accelerator available" not in record["message"]
+        message = record["message"]
+        if "No accelerator available" in message or message.startswith("Loading recipe from"):
+            return False
+        return support_log_once(record)
 
+    # the toolkit's own setup (levels included), which importing the package for a
+    # console script skipped (``qep_modifier/__init__.py``), then one filtered handler
+    configure_logger(LoggerConfig())
     logger.remove()
     logger.add(sys.stderr, level="INFO", filter=keep)
+
+
+def say_device(program: str) -> None:
+    """One line: which device calibrates."""
+    device = "the accelerator" if torch.accelerator.is_available() else "the CPU (no accelerator)"
+    print(f"{program}: calibrating on {device}", flush=True)

@@ -4,6 +4,7 @@ repository."""
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from loguru import logger
 from safetensors.torch import load_file
 
 from qep_modifier import cli, workflow
@@ -99,17 +101,29 @@ def test_help_shows_the_defaults(capsys):
     assert "(default: 32)" in out and "(default: 512)" in out and "(default: bfloat16)" in out
 
 
-def test_checkpoint_is_ready_to_ship(workspace, tmp_path, capsys):
+def test_the_console_script_starts_without_the_toolkits_device_warning():
+    # a fresh process: llm-compressor warns about the device when it is imported
+    script = Path(sys.executable).parent / "qep-oneshot"
+    run = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "(default: 32)" in run.stdout
+    assert "No accelerator available" not in run.stdout + run.stderr
+
+
+def test_checkpoint_is_ready_to_ship(workspace, tmp_path, capfd):
     root, tiny, text = workspace
     output = tmp_path / "ship"
+    # a fresh process's logging: the toolkit's default handler on the real stderr
+    logger.remove()
+    logger.add(sys.stderr)
     assert cli.oneshot_main([
         "--model", str(tiny), "--recipe", "w3a16_qep_gptq", "--dataset", str(text),
         "--num-samples", "4", "--seq-len", "32", "--output", str(output),
     ]) == 0
-    printed = capsys.readouterr()
-    # the device is said once; the toolkit's repeated warning is gone
+    printed = capfd.readouterr()
+    # the device is said once; the toolkit's repeated warning and recipe lines are gone
     assert printed.out.count("calibrating on the CPU") == 1
-    assert "No accelerator available" not in printed.err
+    assert "No accelerator available" not in printed.out + printed.err
+    assert "Loading recipe from" not in printed.out + printed.err
     # served dtype, files readable by all
     config = json.loads((output / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["quantization_config"]["format"] == "pack-quantized"
@@ -165,7 +179,11 @@ def test_a_built_wheel_runs_the_demo_outside_the_repository(workspace, tmp_path)
     root, tiny, text = workspace
     wheels, prefix = tmp_path / "wheels", tmp_path / "prefix"
     run = dict(check=True, capture_output=True, text=True, timeout=600)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps",
+    # built from a copy of the sources: the build writes nothing into the repository
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "out", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".whl"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
                     "--no-build-isolation", "-q", "-w", str(wheels)], **run)
     (wheel,) = wheels.glob("qep_modifier-*.whl")
     # --ignore-installed: never touch the environment running the tests
@@ -184,4 +202,6 @@ def test_a_built_wheel_runs_the_demo_outside_the_repository(workspace, tmp_path)
         cwd=elsewhere, env=environment, **run,
     )
     assert "QEPModifier (w3a16_qep_gptq.yaml)" in demo.stdout
+    assert demo.stdout.count("calibrating on the CPU") == 1
+    assert "No accelerator available" not in demo.stdout + demo.stderr
     assert (elsewhere / "out" / "config.json").is_file()

@@ -1,6 +1,7 @@
 """QEP under torch.distributed (two gloo ranks on CPU, one sample each) equals one
 process on the same two samples, bit for bit."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from tests.integration.distributed_cases import CASES, both_samples
-from tests.models import REPO, load_model, quantize, quantized_linears, save_tiny_llama, save_tiny_qwen3_moe
+from tests.models import REPO, VOCAB_SIZE, load_model, quantize, quantized_linears, save_tiny_llama, save_tiny_qwen3_moe
 
 WORLD_SIZE = 2
 RUN = [name for name in CASES if name != "identical_data"]
@@ -109,3 +110,43 @@ def test_identical_data_on_every_rank_is_refused(two_ranks):
         message = (two_ranks / f"identical_data-rank{rank}.error").read_text()
         assert "ranks 0 and 1 got the same calibration batches" in message
         assert "shard" in message
+
+
+def test_the_example_saves_what_one_process_saves(models, tmp_path):
+    """examples/distributed_oneshot.py under torchrun, two ranks, one window each,
+    down to the saved checkpoint (saving is collective in compressed-tensors: a
+    rank-0-only save waits forever), equals one process's checkpoint tensor for
+    tensor."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qep_modifier.workflow import calibration_windows, quantize, save_checkpoint
+
+    words = torch.randint(3, VOCAB_SIZE, (600,), generator=torch.Generator().manual_seed(0)).tolist()
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i}" for i in words))
+    recipe = REPO / "recipes" / "w3a16_qep_gptq.yaml"
+    arguments = ["--model", str(models / "llama"), "--recipe", str(recipe), "--text", str(text),
+                 "--num-samples", "2", "--seq-len", "32"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
+         str(REPO / "examples" / "distributed_oneshot.py"), *arguments, "--output", str(tmp_path / "two")],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [json.loads(line[5:]) for line in run.stdout.splitlines() if line.startswith("RANK ")]
+    assert sorted(rank["rank"] for rank in ranks) == [0, 1], run.stdout[-3000:]
+
+    tokenizer = AutoTokenizer.from_pretrained(models / "llama")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(models / "llama", dtype="auto")
+        windows = calibration_windows(tokenizer, text, 2, 32, 0)
+        save_checkpoint(quantize(model, recipe, windows, processor=tokenizer), tokenizer, tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    two, one = (load_file(tmp_path / name / "model.safetensors") for name in ("two", "one"))
+    assert two.keys() == one.keys() and any(name.endswith("weight_packed") for name in one)
+    assert [name for name in one if not torch.equal(one[name], two[name])] == []
