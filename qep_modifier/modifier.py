@@ -769,13 +769,17 @@ class QEPModifier(GPTQModifier):
                 blocksize=self.block_size,
                 percdamp=self.dampening_frac,
             )
-            for index, metric_logger in enumerate(metric_loggers):
-                metric_logger.set_results(name="QEP", loss=losses[index].item())
-                if fell_back[index].item():
-                    self._note("rtn_fallback", batch[index])
+            self._record_sweep(batch, metric_loggers, losses, fell_back)
         update_batch_qparams(
             batch, quantized, scales, zero_points, global_scales, quant_args
         )
+
+    def _record_sweep(self, batch, metric_loggers, losses, fell_back) -> None:
+        """Each module's GPTQ loss to its metric logger; RTN fallbacks to the summary."""
+        for index, metric_logger in enumerate(metric_loggers):
+            metric_logger.set_results(name="QEP", loss=losses[index].item())
+            if fell_back[index].item():
+                self._note("rtn_fallback", batch[index])
 
     def _sweep_with_group_scales(self, batch, statistics, quant_args) -> None:
         """``group_scales: sweep``: each group's scale chosen by the module's
@@ -808,10 +812,7 @@ class QEPModifier(GPTQModifier):
                 first_order_strength=self.first_order_strength,
                 first_order_reach=self.first_order_reach,
             )
-            for index, metric_logger in enumerate(metric_loggers):
-                metric_logger.set_results(name="QEP", loss=losses[index].item())
-                if fell_back[index].item():
-                    self._note("rtn_fallback", batch[index])
+            self._record_sweep(batch, metric_loggers, losses, fell_back)
         update_batch_qparams(batch, quantized, scales, zero_points, None, quant_args)
 
     def _round_to_nearest(self, modules: list[torch.nn.Module], reason: str | None = None):
