@@ -240,15 +240,9 @@ def quantize_weight_first_order(
     # with dead columns already zeroed, so dead columns never get pulled.
     W0 = W.clone() if beta != 0 else None
 
-    for i1 in range(0, num_columns, blocksize):
-        i2 = min(i1 + blocksize, num_columns)
+    for i1, i2, W1, Q1, Err1, Hinv1 in _column_blocks(W, Hinv, blocksize):
         width = i2 - i1
-
-        W1 = W[:, :, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
         losses1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
 
         _first_order_block_update(
             W1,
@@ -301,6 +295,17 @@ def quantize_weight_first_order(
         W = torch.gather(W, -1, invperm.unsqueeze(-2).expand(-1, num_rows, -1))
 
     return W.to(final_dtype), losses.sum(dim=1), used_rtn_fallback
+
+
+def _column_blocks(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int):
+    """GPTQ's lazy-batch blocks, one at a time (``W`` is read when the block is
+    reached, after the updates of the blocks before): ``i1``, ``i2``, a copy of
+    the block's weights, zeroed quantized and error buffers, the block of Hinv."""
+    num_columns = W.shape[-1]
+    for i1 in range(0, num_columns, blocksize):
+        i2 = min(i1 + blocksize, num_columns)
+        W1 = W[:, :, i1:i2].clone()
+        yield i1, i2, W1, torch.zeros_like(W1), torch.zeros_like(W1), Hinv[:, i1:i2, i1:i2]
 
 
 def _first_order_block_update(
@@ -454,13 +459,8 @@ def quantize_weight_group_scales(
     channel_args = copy(quant_args)
     channel_args.strategy = QuantizationStrategy.CHANNEL
 
-    for i1 in range(0, num_columns, blocksize):
-        i2 = min(i1 + blocksize, num_columns)
+    for i1, i2, W1, Q1, Err1, Hinv1 in _column_blocks(W, Hinv, blocksize):
         width = i2 - i1
-        W1 = W[:, :, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
         eff = zp = None
         for i in range(width):
             column = i1 + i
