@@ -851,26 +851,21 @@ class QEPModifier(GPTQModifier):
         """``auto``: the strength whose correction fitted on the other batches
         does best on the held-out ones (0.5, the default, without two sides)."""
         name = self._module_names[module]
-        fallback = float(DEFAULT_PROPAGATION_STRENGTH[DEFAULT_STRENGTH_KEY])
-        if held_out is None or not held_out.paired or held_out.num_samples.item() == 0:
+        two_sides = held_out is not None and held_out.paired and held_out.num_samples.item() > 0
+        fit = stats.minus(held_out) if two_sides else None
+        if fit is None or fit.num_samples.item() == 0:
             self._note("auto_fallback", module)
-            self._chosen[name] = fallback
-            return fallback
-        fit = stats.minus(held_out)
-        if fit.num_samples.item() == 0:
-            self._note("auto_fallback", module)
-            self._chosen[name] = fallback
-            return fallback
+            self._chosen[name] = float(DEFAULT_PROPAGATION_STRENGTH[DEFAULT_STRENGTH_KEY])
+            return self._chosen[name]
         fit_hessian, fit_cross, _ = fit.normalised()
         held_hessian, held_cross, held_gram = held_out.normalised()
-        best, _ = choose_strength(
+        self._chosen[name], _ = choose_strength(
             module.weight.detach(),
             (fit_cross, fit_hessian),
             (held_gram, held_cross, held_hessian),
             self.correction_damping,
         )
-        self._chosen[name] = best
-        return best
+        return self._chosen[name]
 
     def _log_chosen_strengths(self) -> None:
         """``auto``: the chosen strengths, averaged per module role."""
