@@ -18,6 +18,7 @@ checkpoint is saved compressed to ``--output``.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import math
 import os
@@ -45,12 +46,12 @@ def split_text(token_ids, seq_len: int):
     return calibration, evaluation
 
 
-def _recipe_modifier(path: Path):
-    """The recipe's single quantization modifier (QEPModifier or a subclass)."""
+def _recipe_modifier(recipe, path: Path):
+    """The loaded recipe's single quantization modifier (QEPModifier or a subclass)."""
     from qep_modifier.modifier import QEPModifier
     from qep_modifier.workflow import InputError
 
-    modifiers = list(_load(path).modifiers)
+    modifiers = list(recipe.modifiers)
     ours = [modifier for modifier in modifiers if isinstance(modifier, QEPModifier)]
     if len(modifiers) != 1 or len(ours) != 1:
         names = ", ".join(type(modifier).__name__ for modifier in modifiers) or "none"
@@ -67,16 +68,17 @@ def _load(path: Path):
     return load_recipe(path, report=False)
 
 
-def comparison_modifiers(recipe_path: Path) -> dict[str, object]:
-    """GPTQModifiers on the recipe's scheme: stock, and with its observer/act-order."""
+def comparison_modifiers(recipe) -> dict[str, object]:
+    """GPTQModifiers on the scheme of ``recipe`` (a QEPModifier): stock, and with
+    its observer/act-order. They get copies of its scheme: checking the recipe
+    against a model resolves act-order into the recipe's own arguments."""
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    recipe = _recipe_modifier(recipe_path)
     common = dict(
         targets=recipe.targets,
         ignore=list(recipe.ignore),
-        scheme=recipe.scheme,
-        config_groups=recipe.config_groups,
+        scheme=copy.deepcopy(recipe.scheme),
+        config_groups=copy.deepcopy(recipe.config_groups),
     )
     common = {key: value for key, value in common.items() if value is not None}
     tuned = {
@@ -148,10 +150,11 @@ def _run(args) -> int:
     recipe_path = resolve_recipe(args.recipe)
     if not args.text.is_file():
         raise InputError(f"--text {args.text} does not exist")
-    modifier = _recipe_modifier(recipe_path)
-    runs = {"full precision": None, **comparison_modifiers(recipe_path),
+    recipe = _load(recipe_path)
+    modifier = _recipe_modifier(recipe, recipe_path)
+    runs = {"full precision": None, **comparison_modifiers(modifier),
             f"{type(modifier).__name__} ({recipe_path.name})": recipe_path}
-    check_recipe_fits(model_config(args.model), _load(recipe_path))
+    check_recipe_fits(model_config(args.model), recipe)
 
     say_device("qep-demo")
     model_path = args.model or default_model_path()

@@ -23,8 +23,12 @@ def test_bundled_text_is_there_and_long_enough():
     assert len(text.split()) > 15_000  # 16 x 512 calibration + 10 x 512 evaluation tokens
 
 
+def _demo_recipe_modifier():
+    return demo._recipe_modifier(demo._load(demo.DEFAULT_RECIPE), demo.DEFAULT_RECIPE)
+
+
 def test_comparison_uses_the_recipes_scheme_stock_and_with_its_observer():
-    modifiers = demo.comparison_modifiers(demo.DEFAULT_RECIPE)
+    modifiers = demo.comparison_modifiers(_demo_recipe_modifier())
     stock, tuned = modifiers.values()
     assert list(modifiers) == ["GPTQModifier (stock)", "GPTQModifier (weight_observer=memoryless_mse)"]
     assert type(stock).__name__ == type(tuned).__name__ == "GPTQModifier"
@@ -32,6 +36,18 @@ def test_comparison_uses_the_recipes_scheme_stock_and_with_its_observer():
     weights = stock.config_groups["group_0"].weights
     assert (weights.num_bits, weights.group_size, weights.symmetric) == (3, 64, True)
     assert stock.ignore == ["lm_head"]
+
+
+def test_comparison_modifiers_hold_copies_of_the_recipes_scheme():
+    # checking the recipe against a model resolves act-order into the recipe's own
+    # arguments; the GPTQModifiers it is compared with must not see that
+    recipe = _demo_recipe_modifier()
+    stock, tuned = demo.comparison_modifiers(recipe).values()
+    recipe.config_groups["group_0"].weights.actorder = "weight"
+    recipe.config_groups["group_0"].weights.group_size = 32
+    for modifier in (stock, tuned):
+        weights = modifier.config_groups["group_0"].weights
+        assert weights.actorder != "weight" and weights.group_size == 64
 
 
 def test_split_text_refuses_a_text_too_short():
