@@ -358,7 +358,7 @@ def quiet_loading():
 def quiet_logs() -> None:
     """For the command-line tools (not for users' own ``oneshot`` calls), called
     before anything else: drop the toolkit's repeated device warning, its
-    "Loading recipe" line (the tools read a recipe several times to check it) and
+    "Loading recipe" line (a tool reads its recipe to check it, then oneshot reads it) and
     torch.fx's tracing notice; keep everything else. :func:`say_device` then
     says once which device calibrates."""
     import logging
