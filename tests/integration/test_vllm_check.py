@@ -105,7 +105,12 @@ def test_reader_finds_dense_3bit_layout(checkpoint):
     _assert_dense_layout(checkpoint, bits=3, group_size=32)
 
 
-def test_spinquant_then_qep_is_a_plain_checkpoint_vllm_can_load(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("recipe_file, symmetric", [
+    ("w3a16_spinquant_qep.yaml", True), ("w3a16_asym_spinquant_qep.yaml", False),
+])
+def test_spinquant_then_qep_is_a_plain_checkpoint_vllm_can_load(
+    recipe_file, symmetric, tmp_path, monkeypatch, capsys
+):
     # R1 + R2 are fused into the weights: the saved model has the same dense
     # layout as any QEP checkpoint and reloads with the logits it had in memory
     import json
@@ -116,12 +121,12 @@ def test_spinquant_then_qep_is_a_plain_checkpoint_vllm_can_load(tmp_path, monkey
     output = tmp_path / "spinquant"
     held_out = torch.tensor(token_dataset(2, 24, seed=3)["input_ids"])
     model = quantize(
-        model_dir, str(REPO / "recipes" / "w3a16_spinquant_qep.yaml"), token_dataset(4, 32, seed=1),
+        model_dir, str(REPO / "recipes" / recipe_file), token_dataset(4, 32, seed=1),
         output_dir=str(output),
     )
     in_memory = logits(model, held_out)
     torch.testing.assert_close(logits(load_model(output), held_out), in_memory, rtol=1e-4, atol=1e-4)
-    _assert_dense_layout(output, bits=3, group_size=64, scale_dtype="float32")
+    _assert_dense_layout(output, bits=3, group_size=64, scale_dtype="float32", symmetric=symmetric)
     # the config records the rotations, all at weight locations (fused offline):
     # vLLM runs only input/output (online) transforms at serving time
     config = json.loads((output / "config.json").read_text())["quantization_config"]
@@ -136,7 +141,7 @@ def test_spinquant_then_qep_is_a_plain_checkpoint_vllm_can_load(tmp_path, monkey
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("OK: vLLM 0.33.0+fake creates")
 
 
-def _assert_dense_layout(checkpoint, bits, group_size, scale_dtype="float32"):
+def _assert_dense_layout(checkpoint, bits, group_size, scale_dtype="float32", symmetric=True):
     spec = read_checkpoint_spec(checkpoint)
     prefixes = quantized_layers(spec)
     assert prefixes == sorted(
@@ -159,6 +164,12 @@ def _assert_dense_layout(checkpoint, bits, group_size, scale_dtype="float32"):
         assert spec[f"{prefix}.weight_scale"][0] == scale_dtype
         assert spec[f"{prefix}.weight_shape"] == ("int64", (2,))
         assert f"{prefix}.weight" not in spec
+        if symmetric:
+            assert f"{prefix}.weight_zero_point" not in spec
+        else:  # one zero point per group, packed along the output dimension
+            assert spec[f"{prefix}.weight_zero_point"] == (
+                "int32", (math.ceil(out_features * bits / 32), in_features // group_size)
+            )
     assert spec["lm_head.weight"] == ("float32", (256, 128))  # ignored: stays dense
 
 
@@ -189,7 +200,9 @@ def fake_vllm(monkeypatch, packing: str, kernel_error: bool = False, reject_conf
 
     Its scheme creates the parameters of a compressed-tensors WNA16 layer with
     ``packing`` "dense" (ceil(K * bits / 32) words per row) or "integer" (K // (32 //
-    bits), the layout of a fixed whole number of values per word).
+    bits), the layout of a fixed whole number of values per word); for asymmetric
+    weights also a ``weight_zero_point`` per group, packed the same way along the
+    output dimension.
     """
     calls = []
 
@@ -212,18 +225,24 @@ def fake_vllm(monkeypatch, packing: str, kernel_error: bool = False, reject_conf
     scheme_module = module("vllm.fake_wna16", choose_mp_linear_kernel=choose_mp_linear_kernel)
 
     class Scheme:
-        def __init__(self, bits, group_size):
-            self.bits, self.group_size = bits, group_size
+        def __init__(self, bits, group_size, symmetric):
+            self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
 
         def create_weights(self, layer, output_size, input_size, output_partition_sizes,
                            input_size_per_partition, params_dtype, weight_loader, **kwargs):
             n, k = sum(output_partition_sizes), input_size_per_partition
-            words = math.ceil(k * self.bits / 32) if packing == "dense" else k // (32 // self.bits)
+            def words(values):
+                return math.ceil(values * self.bits / 32) if packing == "dense" else values // (32 // self.bits)
+
             kernel = scheme_module.choose_mp_linear_kernel(None)
+            zero_point = [] if self.symmetric else [
+                ("weight_zero_point", (words(n), k // self.group_size), torch.int32)
+            ]
             for name, shape, dtype in [
-                ("weight_packed", (n, words), torch.int32),
+                ("weight_packed", (n, words(k)), torch.int32),
                 ("weight_scale", (n, k // self.group_size), params_dtype),
                 ("weight_shape", (2,), torch.int64),
+                *zero_point,
             ]:
                 layer.register_parameter(
                     name, torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
@@ -247,7 +266,9 @@ def fake_vllm(monkeypatch, packing: str, kernel_error: bool = False, reject_conf
             calls.append(("scheme", layer_name, layer.out_features, layer.in_features))
             if layer_name in self.ignore:
                 return None
-            return Scheme(self.weights["num_bits"], self.weights["group_size"])
+            return Scheme(
+                self.weights["num_bits"], self.weights["group_size"], self.weights.get("symmetric", True)
+            )
 
     module("vllm", __version__="0.33.0+fake")
     module("vllm.config", VllmConfig=lambda: object(), set_current_vllm_config=set_current_vllm_config)
