@@ -1,6 +1,7 @@
 """QEP under torch.distributed (two gloo ranks on CPU, one sample each) equals one
 process on the same two samples, bit for bit."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -64,20 +65,27 @@ def differences(first: dict, second: dict) -> list[str]:
     ]
 
 
-def _single_process(models, name, samples=None):
-    """The reference: one process, both samples, the ranks' thread count (a
-    product's summation order depends on it)."""
-    case = CASES[name]
-    modifier = case.recipe()
+@contextlib.contextmanager
+def _ranks_thread_count():
+    """One thread, as each rank runs (a product's summation order depends on
+    the thread count); the previous count restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single_process(models, name, samples=None):
+    """The reference: one process, both samples, the ranks' thread count."""
+    case = CASES[name]
+    modifier = case.recipe()
+    with _ranks_thread_count():
         model = quantize(
             load_model(models / case.model), modifier, samples or both_samples(case),
             batch_size=1, **case.oneshot,
         )
-    finally:
-        torch.set_num_threads(threads)
     return quantized_linears(model), modifier.error_report
 
 
@@ -139,14 +147,10 @@ def test_the_example_saves_what_one_process_saves(models, tmp_path):
     assert sorted(rank["rank"] for rank in ranks) == [0, 1], run.stdout[-3000:]
 
     tokenizer = AutoTokenizer.from_pretrained(models / "llama")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _ranks_thread_count():
         model = AutoModelForCausalLM.from_pretrained(models / "llama", dtype="auto")
         windows = calibration_windows(tokenizer, text, 2, 32, 0)
         save_checkpoint(quantize(model, recipe, windows, processor=tokenizer), tokenizer, tmp_path / "one")
-    finally:
-        torch.set_num_threads(threads)
     two, one = (load_file(tmp_path / name / "model.safetensors") for name in ("two", "one"))
     assert two.keys() == one.keys() and any(name.endswith("weight_packed") for name in one)
     assert [name for name in one if not torch.equal(one[name], two[name])] == []

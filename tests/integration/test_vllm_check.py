@@ -231,6 +231,7 @@ def fake_vllm(monkeypatch, packing: str, kernel_error: bool = False, reject_conf
         def create_weights(self, layer, output_size, input_size, output_partition_sizes,
                            input_size_per_partition, params_dtype, weight_loader, **kwargs):
             n, k = sum(output_partition_sizes), input_size_per_partition
+
             def words(values):
                 return math.ceil(values * self.bits / 32) if packing == "dense" else values // (32 // self.bits)
 
