@@ -9,6 +9,7 @@ Models", Zheng et al., arXiv:2507.11017).  It reuses the toolkit's helpers
 (``apply_activation_ordering``, ``factorize_hessian``, ``column_scale_window``,
 ``fake_quantize``, ``GPTQ_PRECISION``) and always runs the eager column loop
 written here (never the toolkit's Triton block kernel).
+:func:`refit_group_scales` refits a sweep's scales to the codes it chose.
 
 With ``first_order_strength == 0`` the function performs exactly the same
 floating-point operations, in the same order, as the eager path of
@@ -118,6 +119,7 @@ __all__ = [
     "group_aware_order",
     "quantize_weight_first_order",
     "quantize_weight_group_scales",
+    "refit_group_scales",
     "validate_first_order_args",
 ]
 
@@ -532,3 +534,110 @@ def quantize_weight_group_scales(
         inverse = torch.argsort(perm, dim=-1)
         W = torch.gather(W, -1, inverse.unsqueeze(-2).expand(-1, num_rows, -1))
     return W.to(final_dtype), losses.sum(dim=1), used_rtn_fallback, scales, zero_points
+
+
+def refit_group_scales(
+    quantized: torch.Tensor,
+    target: torch.Tensor,
+    hessians: torch.Tensor,
+    scale: torch.Tensor,
+    percdamp: float = 0.01,
+    storage_dtype: torch.dtype = torch.float32,
+    max_elements: int = 1 << 25,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Refit each group's scale to the integer codes a sweep chose.
+
+    The sweep fixes every weight's code ``c = q - z`` (integer, ``z`` the zero
+    point) with the scales the observer chose before it. With the codes and zero
+    points held, the quantized row ``s * c`` is linear in the row's scales, so
+    the scales that minimise the layer's output error against the target row
+    ``t`` (the weight the sweep started from) are the solution of a small linear
+    system per row. With ``A`` the ``[columns, groups]`` matrix holding ``c`` in
+    each column's group and ``H`` the Hessian with the sweep's damping
+    (``percdamp * mean(diag H)`` added to its diagonal)::
+
+        minimise (t - A s) H (t - A s)^T
+        (A^T H A + rho I) (s - s0) = A^T H (t - A s0)
+
+    ``rho`` (``1e-6`` of the mean of ``diag(A^T H A)``) keeps groups whose codes
+    are all zero at their old scale ``s0``. A row keeps its old scales when a new
+    one is not finite or not positive, or when the new ones do not lower the
+    row's error. New scales are rounded to ``storage_dtype`` (the dtype the
+    checkpoint stores them in) before the weights are rebuilt and compared.
+
+    :param quantized: the sweep's output ``[batch, rows, columns]``, on the grid
+        of ``scale`` / ``zero_point``, columns in stored order
+    :param target: the weights the sweep started from, same shape
+    :param hessians: the (undamped) Hessians ``[batch, columns, columns]``
+    :param scale: the grid's scales ``[batch, rows, groups]`` (a group is
+        ``columns // groups`` consecutive columns; one group is per-channel)
+    :param percdamp: the sweep's dampening fraction
+    :param storage_dtype: dtype the scales are stored in
+    :param max_elements: bound on the work tensor per chunk of rows
+    :return: refitted scales (float32, same shape as ``scale``), the quantized
+        weights on the refitted grid (float32), and per batch item and row the
+        error ``(t - w) H (t - w)^T`` before and after, stacked ``[2, batch, rows]``
+        (after: from the step's expansion, in float64)
+    """
+    if quantized.ndim != 3 or quantized.shape != target.shape:
+        raise ValueError("quantized and target must have the same shape [batch, rows, columns]")
+    batch, rows, columns = quantized.shape
+    if scale.ndim != 3 or scale.shape[:2] != (batch, rows):
+        raise ValueError(f"scale must have shape [batch, rows, groups], got {tuple(scale.shape)}")
+    groups = scale.shape[-1]
+    if columns % groups:
+        raise ValueError(f"{groups} groups do not divide {columns} columns")
+    group_size = columns // groups
+    f32 = torch.float32
+    old_scale = scale.to(f32)
+    expand = (batch, rows, groups, group_size)
+    old_step = old_scale.unsqueeze(-1).expand(expand).reshape(batch, rows, columns)
+    codes = torch.round(quantized.to(f32) / old_step)
+    t = target.to(f32)
+
+    H = hessians.to(f32).clone()
+    diagonal = torch.diagonal(H, dim1=-2, dim2=-1)
+    dead = diagonal == 0
+    diagonal += percdamp * diagonal.mean(dim=-1, keepdim=True)
+    diagonal[dead] = 1.0
+
+    f64 = torch.float64
+    new_scale = old_scale.clone()
+    errors = torch.zeros(2, batch, rows, dtype=f64)
+    chunk = max(1, max_elements // max(1, groups * groups * group_size))
+    blocks = H.reshape(batch, groups, group_size, groups, group_size)
+    for r1 in range(0, rows, chunk):
+        r2 = min(rows, r1 + chunk)
+        c = codes[:, r1:r2].reshape(batch, r2 - r1, groups, group_size)
+        old = old_scale[:, r1:r2]
+        # system = A^T H A: system[b, r, g, h] = c_g^T H_gh c_h
+        partial_products = torch.einsum("brgi,bgihj->brghj", c, blocks)
+        system = torch.einsum("brghj,brhj->brgh", partial_products, c).to(f64)
+        del partial_products
+        # with e = t - A s0 (small: no cancellation), gradient = A^T H e and the
+        # step d = s - s0 solves (A^T H A + rho I) d = A^T H e; the error after
+        # the step is e H e - 2 d . A^T H e + d A^T H A d
+        residual = t[:, r1:r2] - (c * old.unsqueeze(-1)).reshape(t[:, r1:r2].shape)
+        residual_products = residual @ H
+        gradient = (c * residual_products.reshape(c.shape)).sum(-1).to(f64)
+        before = (residual * residual_products).sum(-1).to(f64)
+        rho = 1e-6 * torch.diagonal(system, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+        step_, info = torch.linalg.solve_ex(
+            system + rho[..., None, None] * torch.eye(groups, dtype=f64), gradient.unsqueeze(-1)
+        )
+        solved = (old.to(f64) + step_.squeeze(-1)).to(storage_dtype).to(f32)
+        step_ = solved.to(f64) - old.to(f64)
+        after = (
+            before
+            - 2 * (step_ * gradient).sum(-1)
+            + (step_.unsqueeze(-2) @ system @ step_.unsqueeze(-1))[..., 0, 0]
+        )
+        good = (info == 0) & torch.isfinite(solved).all(-1) & (solved > 0).all(-1)
+        good &= after < before
+        new_scale[:, r1:r2] = torch.where(good.unsqueeze(-1), solved, old)
+        errors[0, :, r1:r2] = before
+        errors[1, :, r1:r2] = torch.where(good, after, before)
+
+    step = new_scale.unsqueeze(-1).expand(expand).reshape(batch, rows, columns)
+    moved = (errors[1] < errors[0]).unsqueeze(-1)  # rows that keep their scales keep their weights
+    return new_scale, torch.where(moved, codes * step, quantized.to(f32)), errors.to(f32)

@@ -16,7 +16,10 @@ Data flows one way, per subgraph of llm-compressor's sequential pipeline:
 4. **correct**: ``W* = W + a W C (H~ + l I)^-1`` (:mod:`qep_modifier.correction`).
 5. **quantize**: the observer's scales on ``W*``, then the GPTQ sweep with
    ``H~`` (with FOEM's term when ``first_order_strength > 0``,
-   :mod:`qep_modifier.gptq_sweep`) or round to nearest.
+   :mod:`qep_modifier.gptq_sweep`) or round to nearest; with ``refit_scales``
+   the scales are refitted to the sweep's codes
+   (:func:`~qep_modifier.gptq_sweep.refit_group_scales`), sweeping again
+   between refits.
 
 Every forward QEP runs itself runs with every other hook silenced, so another
 modifier calibrating in the same pass sees each batch once.
@@ -86,7 +89,11 @@ from qep_modifier.distributed import (
     reduce_statistics,
     shared,
 )
-from qep_modifier.gptq_sweep import quantize_weight_first_order, quantize_weight_group_scales
+from qep_modifier.gptq_sweep import (
+    quantize_weight_first_order,
+    quantize_weight_group_scales,
+    refit_group_scales,
+)
 from qep_modifier.plan import Group, LayerPlan, TraceCall, expert_role, plan_layer, plan_subgraph
 from qep_modifier.statistics import LinearStatistics, accumulate_batch
 
@@ -125,6 +132,7 @@ _RECIPE_FIELDS = (
     "targets", "ignore", "scheme", "config_groups", "weight_observer", "actorder",
     "block_size", "dampening_frac", "propagation_strength", "correction_damping",
     "base", "true_sequential", "first_order_strength", "first_order_reach", "group_scales",
+    "refit_scales",
     "stream_offload_device", "cache_full_precision_inputs", "resume_replays",
     "report_errors",
 )
@@ -187,6 +195,14 @@ class QEPModifier(GPTQModifier):
         the group's weights when the sweep reaches it, after the compensation of
         the groups before; groups are then visited by importance, the columns
         within each group too, which needs no ``g_idx`` to serve)
+    :param refit_scales: how many times each module's scales are refitted to the
+        integer codes of its sweep (0: never, as GPTQModifier). A refit holds the
+        codes and zero points and solves, per output row, for the group scales
+        that minimise the output error against the weight the sweep started from
+        (:func:`~qep_modifier.gptq_sweep.refit_group_scales`); with 2 or more, the
+        sweep runs again on the refitted grid before each further refit (one
+        sweep more per refit). Group or channel strategy, ``base: gptq``,
+        ``group_scales: observer``
     :param stream_offload_device: where the full-precision stream, the recorded
         layer calls and the kept activations wait; keep it equal to oneshot's
         ``sequential_offload_device``
@@ -214,6 +230,7 @@ class QEPModifier(GPTQModifier):
     first_order_reach: Literal["next", "all"] = "next"
     stream_offload_device: str | None = "cpu"
     group_scales: Literal["observer", "sweep"] = "observer"
+    refit_scales: int = 0
     cache_full_precision_inputs: bool = True
     resume_replays: bool = True
     report_errors: bool = False
@@ -328,6 +345,15 @@ class QEPModifier(GPTQModifier):
             raise ValueError(f"first_order_strength must be >= 0, got {value}")
         return value
 
+    @field_validator("refit_scales", mode="before")
+    @classmethod
+    def _check_refit_scales(cls, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"refit_scales must be a whole number >= 0 (refits per module), got {value!r}"
+            )
+        return value
+
     # ------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs) -> bool:
         # the toolkit's own divisibility check lists every module; QEP's says
@@ -336,6 +362,7 @@ class QEPModifier(GPTQModifier):
         with patch_attr(self, "bypass_divisibility_checks", True):
             super().on_initialize(state, **kwargs)
         self._check_weight_only_int()
+        self._check_refit_scales_fit()
         self.check_group_sizes(
             (name, module) for module, name in self._module_names.items()
         )
@@ -759,20 +786,53 @@ class QEPModifier(GPTQModifier):
             metric_loggers = [
                 loggers.enter_context(CompressionLogger(module)) for module in batch
             ]
-            quantized, losses, fell_back = sweep(
-                weights=weights,
-                hessians=hessians,
-                scale=scales,
-                zero_point=zero_points,
-                global_scale=global_scales,
-                quant_args=quant_args,
-                blocksize=self.block_size,
-                percdamp=self.dampening_frac,
-            )
+            # the sweep overwrites its inputs; a refit needs them
+            target = weights.clone() if self.refit_scales else None
+            normalised = hessians.clone() if self.refit_scales else None
+
+            def run_sweep(scales):
+                return sweep(
+                    weights=weights if target is None else target.clone(),
+                    hessians=hessians if normalised is None else normalised.clone(),
+                    scale=scales,
+                    zero_point=zero_points,
+                    global_scale=global_scales,
+                    quant_args=quant_args,
+                    blocksize=self.block_size,
+                    percdamp=self.dampening_frac,
+                )
+
+            quantized, losses, fell_back = run_sweep(scales)
+            if self.refit_scales:
+                quantized, scales = self._refit_scales(
+                    batch, target, normalised, quantized, scales, run_sweep
+                )
             self._record_sweep(batch, metric_loggers, losses, fell_back)
         update_batch_qparams(
             batch, quantized, scales, zero_points, global_scales, quant_args
         )
+
+    def _refit_scales(self, batch, target, hessians, quantized, scales, run_sweep):
+        """``refit_scales`` rounds: refit the scales to the sweep's codes, and
+        before every further refit sweep again on the refitted grid."""
+        storage = batch[0].weight.dtype
+        shape = scales.shape
+        as_groups = lambda tensor: tensor.reshape(shape[0], shape[1], -1)  # noqa: E731
+        for round_ in range(self.refit_scales):
+            if round_:
+                quantized, _, _ = run_sweep(scales)
+            refitted, quantized, errors = refit_group_scales(
+                quantized, target, hessians, as_groups(scales),
+                percdamp=self.dampening_frac, storage_dtype=storage,
+            )
+            scales = refitted.reshape(shape).to(scales.dtype)
+            before, after = errors.sum(-1)
+            for index, module in enumerate(batch):
+                logger.debug(
+                    f"QEP: {self._module_names[module]} scale refit {round_ + 1}: output "
+                    f"error {before[index].item():.4g} -> {after[index].item():.4g}"
+                )
+        return quantized, scales
 
     def _record_sweep(self, batch, metric_loggers, losses, fell_back) -> None:
         """Each module's GPTQ loss to its metric logger; RTN fallbacks to the summary."""
@@ -957,6 +1017,29 @@ class QEPModifier(GPTQModifier):
                 raise ValueError(
                     f"QEPModifier quantizes to integers only: {name} has weight type "
                     f"{weights.type!r}; allowed: 'int'"
+                )
+
+    def _check_refit_scales_fit(self):
+        if not self.refit_scales:
+            return
+        if self.base != "gptq":
+            raise ValueError(
+                "refit_scales refits the scales to the GPTQ sweep's codes: it needs "
+                f"base: gptq, got base: {self.base}"
+            )
+        if self.group_scales != "observer":
+            raise ValueError(
+                "refit_scales refits the observer's scales after the sweep: it needs "
+                f"group_scales: observer, got group_scales: {self.group_scales}"
+            )
+        for module, name in self._module_names.items():
+            weights = getattr_chain(module, "quantization_scheme.weights", None)
+            if weights is None:
+                continue
+            if weights.strategy not in ("group", "channel"):
+                raise ValueError(
+                    f"refit_scales needs the group or channel strategy: {name} has "
+                    f"strategy {weights.strategy!r}"
                 )
 
     def check_group_sizes(self, named_modules) -> None:

@@ -226,6 +226,36 @@ def test_error_report_lists_every_module(tiny_llama, calibration):
     assert deep["before"] > 0.01 and deep["corrected"] < deep["before"]
 
 
+def test_refit_scales_lower_the_first_layers_error_and_the_checkpoint_reloads(
+    tiny_llama, calibration, held_out, tmp_path
+):
+    from safetensors.torch import load_file
+
+    scheme = group_scheme(2, 32, symmetric=False, actorder="static")
+    common = dict(targets="Linear", ignore=["lm_head"], config_groups=scheme, report_errors=True)
+    plain = QEPModifier(**common)
+    plain_weights = quantized_linears(quantize(tiny_llama, plain, calibration))
+    refit = QEPModifier(refit_scales=2, **common)
+    model = quantize(tiny_llama, refit, calibration, output_dir=str(tmp_path / "out"))
+    saved = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        saved.update(load_file(shard))
+    errors = {
+        label: {row["name"]: row["quantized"] for row in recipe.error_report}
+        for label, recipe in (("plain", plain), ("refit", refit))
+    }
+    # layer 0's q/k/v see the same inputs in both runs and both streams, where the
+    # refit's objective is the reported output error (up to the sweep's damping)
+    for role in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{role}"
+        assert errors["refit"][name] < errors["plain"][name], name
+        scales = saved[f"{name}.weight_scale"]
+        assert scales.shape == plain_weights[name]["weight_scale"].shape
+        assert not torch.equal(scales, plain_weights[name]["weight_scale"].to(scales.dtype))
+    reloaded = load_model(tmp_path / "out")
+    torch.testing.assert_close(logits(reloaded, held_out), logits(model, held_out), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "fields",
     [

@@ -21,6 +21,9 @@ from tests.models import group_scheme, load_model, quantize, save_tiny_llama, to
         ({"first_order_strength": -0.1}, ["first_order_strength", ">= 0"]),
         ({"first_order_reach": "some"}, ["first_order_reach", "next", "all"]),
         ({"base": "awq"}, ["base", "gptq", "rtn"]),
+        ({"refit_scales": -1}, ["refit_scales", "whole number >= 0"]),
+        ({"refit_scales": True}, ["refit_scales", "whole number >= 0"]),
+        ({"refit_scales": 1.5}, ["refit_scales", "whole number >= 0"]),
         ({"unknown_field": 1}, ["unknown_field"]),
     ],
 )
@@ -60,6 +63,29 @@ def test_non_integer_or_activation_schemes_fail_before_calibration(model_dir, sc
     # nothing on disk changed
     for name, value in load_model(model_dir).state_dict().items():
         assert torch.equal(value, untouched[name]), name
+
+
+@pytest.mark.parametrize(
+    "fields, scheme, words",
+    [
+        ({"base": "rtn"}, group_scheme(3, 32), ["refit_scales", "base: gptq"]),
+        ({"group_scales": "sweep"}, group_scheme(3, 32), ["refit_scales", "group_scales: observer"]),
+        (
+            {},
+            {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "tensor"}}},
+            ["refit_scales", "group or channel strategy", "'tensor'"],
+        ),
+    ],
+    ids=["rtn", "sweep-scales", "tensor"],
+)
+def test_refit_scales_that_cannot_apply_fail_before_calibration(model_dir, fields, scheme, words):
+    recipe = QEPModifier(targets="Linear", ignore=["lm_head"], config_groups=scheme, refit_scales=1, **fields)
+    with pytest.raises(ValueError) as error:
+        quantize(model_dir, recipe, token_dataset(2, 16, seed=0))
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    for word in words:
+        assert word in message
 
 
 def test_unmatched_strength_pattern_warns(model_dir, caplog):

@@ -534,3 +534,128 @@ def test_sweep_group_scales_land_on_their_grid(symmetric, beta):
     regrid = fake_quantize(quantized[0], scales[0], zeros[0], args)
     torch.testing.assert_close(regrid, quantized[0], rtol=0, atol=1e-6)
     assert torch.isfinite(losses).all()
+
+
+# ------------------------------------------------ scales refitted to the sweep's codes
+
+
+def _refit_problem(symmetric=True, bits=3, group_size=16, rows=8, columns=64, seed=7):
+    """GPTQ output on an mse grid, with its target weights and Hessian."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(1, rows, columns, generator=generator)
+    inputs = torch.randn(1, 512, columns, generator=generator) * torch.linspace(0.2, 3, columns)
+    hessians = inputs.transpose(1, 2) @ inputs / 512
+    args = _group_args(bits=bits, group_size=group_size, symmetric=symmetric)
+    observer = Observer.load_from_registry("memoryless_mse", base_name="weight", args=args)
+    observer(weights[0])
+    qparams = observer.get_qparams()
+    scale, zero = qparams["scale"][None], qparams["zero_point"][None]
+    quantized, _, _ = quantize_weight(
+        weights.clone(), hessians.clone(), scale, zero, None, args, 32, PERCDAMP
+    )
+    return quantized, weights, hessians, scale, zero, args
+
+
+def _refit_reference(quantized, target, hessian, scale, percdamp):
+    """Per row, in float64: explicit A (codes in their group's column) and the
+    normal equations of min (t - A s) H (t - A s)^T, H damped as the sweep does."""
+    H = hessian.double().clone()
+    H += percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    rows, columns = target.shape
+    groups = scale.shape[-1]
+    size = columns // groups
+    solutions = []
+    for row in range(rows):
+        codes = torch.round(quantized[row].double() / scale[row].double().repeat_interleave(size))
+        A = torch.zeros(columns, groups, dtype=torch.float64)
+        A[torch.arange(columns), torch.arange(columns) // size] = codes
+        solutions.append(torch.linalg.solve(A.T @ H @ A, A.T @ H @ target[row].double()))
+    return torch.stack(solutions)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_refit_scales_match_float64_least_squares(symmetric):
+    from qep_modifier.gptq_sweep import refit_group_scales
+
+    quantized, target, hessians, scale, _, _ = _refit_problem(symmetric=symmetric)
+    refitted, _, errors = refit_group_scales(quantized, target, hessians, scale, percdamp=PERCDAMP)
+    reference = _refit_reference(quantized[0], target[0], hessians[0], scale[0], PERCDAMP)
+    improved = errors[1, 0] < errors[0, 0]
+    assert improved.all()  # every row of this problem moves, so every row is compared
+    torch.testing.assert_close(refitted[0].double(), reference, rtol=2e-4, atol=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_refit_keeps_codes_and_lowers_every_rows_error(symmetric):
+    from qep_modifier.gptq_sweep import refit_group_scales
+
+    quantized, target, hessians, scale, zero, args = _refit_problem(symmetric=symmetric, bits=2)
+    refitted, weights, errors = refit_group_scales(quantized, target, hessians, scale)
+    size = args.group_size
+    old_codes = torch.round(quantized / scale.repeat_interleave(size, dim=-1))
+    new_codes = weights / refitted.repeat_interleave(size, dim=-1)
+    torch.testing.assert_close(new_codes, old_codes, rtol=0, atol=1e-4)
+    # on the stored grid: fake-quantizing with the new scales and old zero points is a no-op
+    from compressed_tensors.quantization import fake_quantize
+
+    regrid = fake_quantize(weights[0], refitted[0], zero[0], args)
+    torch.testing.assert_close(regrid, weights[0], rtol=0, atol=1e-6)
+    assert (errors[1] <= errors[0]).all() and errors[1].sum() < 0.99 * errors[0].sum()
+
+    # the reported error (from the quadratic's expansion) is the direct one, in float64
+    damped = hessians[0].double()
+    damped += PERCDAMP * torch.diagonal(damped).mean() * torch.eye(64, dtype=torch.float64)
+    difference = (target - weights)[0].double()
+    direct = ((difference @ damped) * difference).sum(-1)
+    torch.testing.assert_close(errors[1, 0].double(), direct, rtol=1e-4, atol=0)
+
+
+def test_refit_leaves_groups_without_codes_and_rounds_to_the_storage_dtype():
+    from qep_modifier.gptq_sweep import refit_group_scales
+
+    quantized, target, hessians, scale, _, _ = _refit_problem()
+    quantized[:, :, :16] = 0.0  # group 0: every code is zero
+    refitted, weights, _ = refit_group_scales(
+        quantized, target, hessians, scale, storage_dtype=torch.bfloat16
+    )
+    # the group keeps its old scale (as the checkpoint stores it, in bfloat16)
+    torch.testing.assert_close(
+        refitted[..., 0], scale[..., 0].to(torch.bfloat16).float(), rtol=1e-6, atol=0
+    )
+    assert torch.equal(refitted, refitted.to(torch.bfloat16).float())
+    assert not torch.equal(refitted[..., 1:], scale[..., 1:])
+    assert torch.equal(weights[:, :, :16], torch.zeros_like(weights[:, :, :16]))
+
+
+def test_refit_per_channel_is_one_group():
+    from qep_modifier.gptq_sweep import refit_group_scales
+
+    quantized, target, hessians, scale, _, _ = _refit_problem()
+    channel_scale = scale.amax(-1, keepdim=True)
+    channel = torch.round(quantized / channel_scale) * channel_scale  # any grid of one scale
+    refitted, _, errors = refit_group_scales(channel, target, hessians, channel_scale)
+    reference = _refit_reference(channel[0], target[0], hessians[0], channel_scale[0], PERCDAMP)
+    assert refitted.shape == (1, 8, 1) and (errors[1] < errors[0]).all()
+    torch.testing.assert_close(refitted[0].double(), reference, rtol=2e-4, atol=0)
+
+
+def test_refit_rejects_mismatched_shapes():
+    from qep_modifier.gptq_sweep import refit_group_scales
+
+    quantized, target, hessians, scale, _, _ = _refit_problem()
+    with pytest.raises(ValueError, match="same shape"):
+        refit_group_scales(quantized, target[:, :4], hessians, scale)
+    with pytest.raises(ValueError, match="do not divide"):
+        refit_group_scales(quantized, target, hessians, scale[..., :3])
+
+
+def test_refit_keeps_the_scales_of_rows_it_cannot_improve():
+    from qep_modifier.gptq_sweep import refit_group_scales
+
+    quantized, target, hessians, scale, _, _ = _refit_problem()
+    target[:, :4] = quantized[:, :4]  # rows 0-3 already sit on their grid: error 0
+    refitted, weights, errors = refit_group_scales(quantized, target, hessians, scale)
+    assert torch.equal(refitted[:, :4], scale[:, :4])
+    assert torch.equal(weights[:, :4], quantized[:, :4])
+    assert (errors[:, 0, :4] == 0).all()
+    assert (errors[1, 0, 4:] < errors[0, 0, 4:]).all()
