@@ -105,11 +105,13 @@ def test_reader_finds_dense_3bit_layout(checkpoint):
     _assert_dense_layout(checkpoint, bits=3, group_size=32)
 
 
-@pytest.mark.parametrize("recipe_file, symmetric", [
-    ("w3a16_spinquant_qep.yaml", True), ("w3a16_asym_spinquant_qep.yaml", False),
+@pytest.mark.parametrize("recipe_file, bits, symmetric", [
+    ("w3a16_spinquant_qep.yaml", 3, True),
+    ("w3a16_asym_spinquant_qep.yaml", 3, False),
+    ("w4a16_asym_spinquant_qep.yaml", 4, False),
 ])
 def test_spinquant_then_qep_is_a_plain_checkpoint_vllm_can_load(
-    recipe_file, symmetric, tmp_path, monkeypatch, capsys
+    recipe_file, bits, symmetric, tmp_path, monkeypatch, capsys
 ):
     # R1 + R2 are fused into the weights: the saved model has the same dense
     # layout as any QEP checkpoint and reloads with the logits it had in memory
@@ -126,7 +128,7 @@ def test_spinquant_then_qep_is_a_plain_checkpoint_vllm_can_load(
     )
     in_memory = logits(model, held_out)
     torch.testing.assert_close(logits(load_model(output), held_out), in_memory, rtol=1e-4, atol=1e-4)
-    _assert_dense_layout(output, bits=3, group_size=64, scale_dtype="float32", symmetric=symmetric)
+    _assert_dense_layout(output, bits=bits, group_size=64, scale_dtype="float32", symmetric=symmetric)
     # the config records the rotations, all at weight locations (fused offline):
     # vLLM runs only input/output (online) transforms at serving time
     config = json.loads((output / "config.json").read_text())["quantization_config"]
