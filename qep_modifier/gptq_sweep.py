@@ -595,15 +595,17 @@ def refit_group_scales(
     codes = torch.round(quantized.to(f32) / old_step)
     t = target.to(f32)
 
+    # damped as the toolkit's factorize_hessian does: dead columns get 1, then
+    # percdamp * mean(diag) on the whole diagonal
     H = hessians.to(f32).clone()
     diagonal = torch.diagonal(H, dim1=-2, dim2=-1)
-    dead = diagonal == 0
+    diagonal.masked_fill_(diagonal == 0, 1.0)
     diagonal += percdamp * diagonal.mean(dim=-1, keepdim=True)
-    diagonal[dead] = 1.0
 
     f64 = torch.float64
     new_scale = old_scale.clone()
-    errors = torch.zeros(2, batch, rows, dtype=f64)
+    errors = torch.zeros(2, batch, rows, dtype=f64, device=quantized.device)
+    identity = torch.eye(groups, dtype=f64, device=quantized.device)
     chunk = max(1, max_elements // max(1, groups * groups * group_size))
     blocks = H.reshape(batch, groups, group_size, groups, group_size)
     for r1 in range(0, rows, chunk):
@@ -622,15 +624,15 @@ def refit_group_scales(
         gradient = (c * residual_products.reshape(c.shape)).sum(-1).to(f64)
         before = (residual * residual_products).sum(-1).to(f64)
         rho = 1e-6 * torch.diagonal(system, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
-        step_, info = torch.linalg.solve_ex(
-            system + rho[..., None, None] * torch.eye(groups, dtype=f64), gradient.unsqueeze(-1)
+        change, info = torch.linalg.solve_ex(
+            system + rho[..., None, None] * identity, gradient.unsqueeze(-1)
         )
-        solved = (old.to(f64) + step_.squeeze(-1)).to(storage_dtype).to(f32)
-        step_ = solved.to(f64) - old.to(f64)
+        solved = (old.to(f64) + change.squeeze(-1)).to(storage_dtype).to(f32)
+        change = solved.to(f64) - old.to(f64)  # the step the stored scales take
         after = (
             before
-            - 2 * (step_ * gradient).sum(-1)
-            + (step_.unsqueeze(-2) @ system @ step_.unsqueeze(-1))[..., 0, 0]
+            - 2 * (change * gradient).sum(-1)
+            + (change.unsqueeze(-2) @ system @ change.unsqueeze(-1))[..., 0, 0]
         )
         good = (info == 0) & torch.isfinite(solved).all(-1) & (solved > 0).all(-1)
         good &= after < before
