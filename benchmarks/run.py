@@ -123,15 +123,19 @@ METHODS = {
         _rotated(_qep(weights_extra=BEST)), {}, "SpinQuant R1+R2, then QEP + GPTQ, mse observer"
     ),
     **{
-        f"{prefix}refit{rounds}_best": (
-            wrap(build(rounds)), {}, f"{note}, scales refitted to the sweep's codes ({rounds}x), mse observer"
+        f"{'spinquant_' if rotated else ''}{method}_refit{rounds}_best": (
+            (_rotated if rotated else lambda build: build)(
+                _qep(weights_extra=BEST, refit_scales=rounds, **fields)
+            ),
+            {},
+            f"{'SpinQuant R1+R2, then ' if rotated else ''}{label}, scales refitted to the sweep's "
+            f"codes ({rounds}x), mse observer",
         )
         for rounds in (1, 2, 3)
-        for prefix, wrap, build, note in (
-            ("gptq_", lambda b: b, lambda n: _qep(weights_extra=BEST, propagation_strength=0.0, true_sequential=False, refit_scales=n), "GPTQ (QEPModifier strength 0)"),
-            ("qep_", lambda b: b, lambda n: _qep(weights_extra=BEST, refit_scales=n), "QEP + GPTQ"),
-            ("spinquant_gptq_", _rotated, lambda n: _qep(weights_extra=BEST, propagation_strength=0.0, true_sequential=False, refit_scales=n), "SpinQuant R1+R2, then GPTQ (QEPModifier strength 0)"),
-            ("spinquant_qep_", _rotated, lambda n: _qep(weights_extra=BEST, refit_scales=n), "SpinQuant R1+R2, then QEP + GPTQ"),
+        for rotated in (False, True)
+        for method, label, fields in (
+            ("gptq", "GPTQ (QEPModifier strength 0)", dict(propagation_strength=0.0, true_sequential=False)),
+            ("qep", "QEP + GPTQ", {}),
         )
     },
     "foem": (_qep(propagation_strength=0.0, first_order_strength=0.1), {}, "FOEM alone (beta 0.1)"),

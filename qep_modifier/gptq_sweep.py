@@ -590,9 +590,12 @@ def refit_group_scales(
     group_size = columns // groups
     f32 = torch.float32
     old_scale = scale.to(f32)
-    expand = (batch, rows, groups, group_size)
-    old_step = old_scale.unsqueeze(-1).expand(expand).reshape(batch, rows, columns)
-    codes = torch.round(quantized.to(f32) / old_step)
+
+    def per_column(group_scales):  # [batch, rows, groups] -> [batch, rows, columns]
+        return group_scales.repeat_interleave(group_size, dim=-1)
+
+    quantized = quantized.to(f32)
+    codes = torch.round(quantized / per_column(old_scale))
     t = target.to(f32)
 
     # damped as the toolkit's factorize_hessian does: dead columns get 1, then
@@ -640,6 +643,5 @@ def refit_group_scales(
         errors[0, :, r1:r2] = before
         errors[1, :, r1:r2] = torch.where(good, after, before)
 
-    step = new_scale.unsqueeze(-1).expand(expand).reshape(batch, rows, columns)
     moved = (errors[1] < errors[0]).unsqueeze(-1)  # rows that keep their scales keep their weights
-    return new_scale, torch.where(moved, codes * step, quantized.to(f32)), errors.to(f32)
+    return new_scale, torch.where(moved, codes * per_column(new_scale), quantized), errors.to(f32)

@@ -786,14 +786,13 @@ class QEPModifier(GPTQModifier):
             metric_loggers = [
                 loggers.enter_context(CompressionLogger(module)) for module in batch
             ]
-            # the sweep overwrites its inputs; a refit needs them
-            target = weights.clone() if self.refit_scales else None
-            normalised = hessians.clone() if self.refit_scales else None
+            # the sweep overwrites its inputs; a refit needs them afterwards
+            keep_inputs = bool(self.refit_scales)
 
             def run_sweep(scales):
                 return sweep(
-                    weights=weights if target is None else target.clone(),
-                    hessians=hessians if normalised is None else normalised.clone(),
+                    weights=weights.clone() if keep_inputs else weights,
+                    hessians=hessians.clone() if keep_inputs else hessians,
                     scale=scales,
                     zero_point=zero_points,
                     global_scale=global_scales,
@@ -805,7 +804,7 @@ class QEPModifier(GPTQModifier):
             quantized, losses, fell_back = run_sweep(scales)
             if self.refit_scales:
                 quantized, scales = self._refit_scales(
-                    batch, target, normalised, quantized, scales, run_sweep
+                    batch, weights, hessians, quantized, scales, run_sweep
                 )
             self._record_sweep(batch, metric_loggers, losses, fell_back)
         update_batch_qparams(

@@ -556,11 +556,16 @@ def _refit_problem(symmetric=True, bits=3, group_size=16, rows=8, columns=64, se
     return quantized, weights, hessians, scale, zero, args
 
 
+def _damped(hessian, percdamp=PERCDAMP):
+    """``hessian`` in float64 with the sweep's damping (no dead columns here)."""
+    H = hessian.double().clone()
+    return H + percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=torch.float64)
+
+
 def _refit_reference(quantized, target, hessian, scale, percdamp):
     """Per row, in float64: explicit A (codes in their group's column) and the
     normal equations of min (t - A s) H (t - A s)^T, H damped as the sweep does."""
-    H = hessian.double().clone()
-    H += percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    H = _damped(hessian, percdamp)
     rows, columns = target.shape
     groups = scale.shape[-1]
     size = columns // groups
@@ -603,10 +608,8 @@ def test_refit_keeps_codes_and_lowers_every_rows_error(symmetric):
     assert (errors[1] <= errors[0]).all() and errors[1].sum() < 0.99 * errors[0].sum()
 
     # the reported error (from the quadratic's expansion) is the direct one, in float64
-    damped = hessians[0].double()
-    damped += PERCDAMP * torch.diagonal(damped).mean() * torch.eye(64, dtype=torch.float64)
     difference = (target - weights)[0].double()
-    direct = ((difference @ damped) * difference).sum(-1)
+    direct = ((difference @ _damped(hessians[0])) * difference).sum(-1)
     torch.testing.assert_close(errors[1, 0].double(), direct, rtol=1e-4, atol=0)
 
 
