@@ -87,6 +87,9 @@ def _groups(weights: dict) -> dict:
 
 
 BEST = {"observer": "memoryless_mse", "actorder": "static"}
+# the mse observer searching clipping ranges down to 0.4x the group's range (its default stops
+# at 0.8x: at 2 bits nearly every group's best clip lies below that)
+WIDE = {**BEST, "observer_kwargs": {"maxshrink": 0.6}}
 
 # method name -> (recipe builder or None for the unquantized model, extra oneshot kwargs, note)
 METHODS = {
@@ -123,15 +126,16 @@ METHODS = {
         _rotated(_qep(weights_extra=BEST)), {}, "SpinQuant R1+R2, then QEP + GPTQ, mse observer"
     ),
     **{
-        f"{'spinquant_' if rotated else ''}{method}_refit{rounds}_best": (
+        f"{'spinquant_' if rotated else ''}{method}_refit{rounds}_{search}": (
             (_rotated if rotated else lambda build: build)(
-                _qep(weights_extra=BEST, refit_scales=rounds, **fields)
+                _qep(weights_extra=observer, refit_scales=rounds, **fields)
             ),
             {},
             f"{'SpinQuant R1+R2, then ' if rotated else ''}{label}, scales refitted to the sweep's "
-            f"codes ({rounds}x), mse observer",
+            f"codes ({rounds}x), mse observer{' (clip search to 0.4x)' if search == 'wide' else ''}",
         )
         for rounds in (1, 2, 3)
+        for search, observer in (("best", BEST), ("wide", WIDE))
         for rotated in (False, True)
         for method, label, fields in (
             ("gptq", "GPTQ (QEPModifier strength 0)", dict(propagation_strength=0.0, true_sequential=False)),
@@ -154,6 +158,29 @@ METHODS = {
         for damping in (0.1, 1.0)
     },
     "qep_down_corrected": (_qep(propagation_strength=0.5), {}, "QEP, down_proj corrected too (0.5)"),
+    # ablations on the rotated, twice-refitted recipe (low bits)
+    **{
+        f"spinquant_qep_refit2_sweep_damp{damping}": (
+            _rotated(_qep(weights_extra=BEST, refit_scales=2, dampening_frac=damping)),
+            {},
+            f"SpinQuant R1+R2, then QEP + GPTQ, refit 2, GPTQ dampening_frac {damping}",
+        )
+        for damping in (0.05, 0.1)
+    },
+    **{
+        f"spinquant_qep_refit2_a{strength}": (
+            _rotated(
+                _qep(
+                    weights_extra=BEST,
+                    refit_scales=2,
+                    propagation_strength={r"(^|\.)down_proj$": 0.0, "default": strength},
+                )
+            ),
+            {},
+            f"SpinQuant R1+R2, then QEP + GPTQ, refit 2, strength {strength}, down_proj uncorrected",
+        )
+        for strength in (0.25, 0.75)
+    },
     "qep_no_true_sequential": (_qep(true_sequential=False), {}, "QEP, within-block order off"),
     "qep_no_cache": (
         _qep(cache_full_precision_inputs=False),

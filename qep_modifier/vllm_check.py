@@ -1,6 +1,6 @@
 """Check that vLLM would accept a compressed checkpoint's quantized Linear tensors.
 
-    python qep_modifier/vllm_check.py out/tiny-qep-w4       # in an environment with vLLM
+    python qep_modifier/vllm_check.py out/tiny-qep-w4 [more checkpoints]   # in an environment with vLLM
 
 For every quantized Linear in the checkpoint (a ``<prefix>.weight_packed`` tensor in
 its safetensors files), vLLM's own ``CompressedTensorsConfig`` (built from the
@@ -369,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Check a compressed-tensors checkpoint against the parameters vLLM "
         "creates for it (needs vLLM; see scripts/check_vllm.sh).",
     )
-    parser.add_argument("checkpoint", type=Path, help="checkpoint folder (config.json + safetensors)")
+    parser.add_argument(
+        "checkpoints", type=Path, nargs="+", metavar="checkpoint",
+        help="checkpoint folder(s) (config.json + safetensors), checked one after another in one process",
+    )
     parser.add_argument(
         "--dtype",
         default=None,
@@ -383,26 +386,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     vllm = _import_vllm()  # first: without vLLM nothing below can be checked
+    failed = []
+    for index, checkpoint in enumerate(args.checkpoints):
+        if len(args.checkpoints) > 1:
+            print(("\n" if index else "") + f"== {checkpoint}", flush=True)
+        if _check(vllm, checkpoint, args.dtype, args.require_kernel):
+            failed.append(checkpoint)
+    if len(args.checkpoints) > 1:
+        print()
+        if failed:
+            print(f"{len(failed)} of {len(args.checkpoints)} checkpoints do not match vLLM:")
+            print("\n".join(f"  {checkpoint}" for checkpoint in failed))
+        else:
+            print(f"all {len(args.checkpoints)} checkpoints match what vLLM creates")
+    return 1 if failed else 0
 
-    config = json.loads((args.checkpoint / "config.json").read_text())
+
+def _check(vllm, checkpoint: Path, dtype_name: str | None, require_kernel: bool) -> int:
+    """One checkpoint against vLLM: prints its problems and a verdict, returns 1 on any."""
+    config = json.loads((checkpoint / "config.json").read_text())
     quantization_config = config.get("quantization_config")
     if not quantization_config:
-        print(f"{args.checkpoint}/config.json has no quantization_config", file=sys.stderr)
+        print(f"{checkpoint}/config.json has no quantization_config", file=sys.stderr)
         return 1
-    actual_all = read_checkpoint_spec(args.checkpoint)
+    actual_all = read_checkpoint_spec(checkpoint)
     prefixes = quantized_layers(actual_all)
     if not prefixes:
-        print(f"no quantized Linear (*{PACKED_SUFFIX}) in {args.checkpoint}", file=sys.stderr)
+        print(f"no quantized Linear (*{PACKED_SUFFIX}) in {checkpoint}", file=sys.stderr)
         return 1
-    sizes = layer_sizes(args.checkpoint, set(prefixes))
+    sizes = layer_sizes(checkpoint, set(prefixes))
     problems = [f"missing tensor: {p}.weight_shape (needed for N, K)" for p in prefixes if p not in sizes]
 
-    dtype = args.dtype or _model_dtype(config)
+    dtype = dtype_name or _model_dtype(config)
     expected, vllm_problems, notes, schemes = vllm_expected_spec(quantization_config, sizes, dtype)
     problems += vllm_problems
     actual = _layer_tensors(actual_all, schemes)
     problems += compare_specs(expected, actual)
-    if args.require_kernel:
+    if require_kernel:
         problems += [f"no vLLM kernel: {prefix}: {reason}" for prefix, reason in notes]
     else:
         reasons = {}
@@ -421,12 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(
             f"FAIL: {len(problems)} problem(s); {len(prefixes)} quantized Linear layers in "
-            f"{args.checkpoint} ({fmt}), vLLM {vllm.__version__}, scheme {names}"
+            f"{checkpoint} ({fmt}), vLLM {vllm.__version__}, scheme {names}"
         )
         return 1
     print(
         f"OK: vLLM {vllm.__version__} creates exactly the file's {len(expected)} tensors for "
-        f"all {len(prefixes)} quantized Linear layers of {args.checkpoint} ({fmt}, scheme "
+        f"all {len(prefixes)} quantized Linear layers of {checkpoint} ({fmt}, scheme "
         f"{names}, dtype {dtype})"
     )
     return 0

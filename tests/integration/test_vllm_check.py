@@ -175,6 +175,38 @@ def _assert_dense_layout(checkpoint, bits, group_size, scale_dtype="float32", sy
     assert spec["lm_head.weight"] == ("float32", (256, 128))  # ignored: stays dense
 
 
+def _checkpoint_writer():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vllm_checkpoints", REPO / "scripts" / "vllm_checkpoints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_check_script_writes_scheme_and_recipe_checkpoints(tmp_path, capsys):
+    # scripts/check_vllm.sh hands these folders to vLLM: each must be a dense
+    # pack-quantized checkpoint, and the script prints each folder it wrote
+    written = _checkpoint_writer().main(
+        [str(tmp_path), "--schemes", "w2-asym", "--recipes", "w3a16_asym_spinquant_qep"]
+    )
+    assert written == [tmp_path / "w2-g32-asym", tmp_path / "recipe-w3a16_asym_spinquant_qep"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+    assert printed == [f"wrote {folder}" for folder in written]
+    _assert_dense_layout(written[0], bits=2, group_size=32, symmetric=False)
+    _assert_dense_layout(written[1], bits=3, group_size=64, symmetric=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--schemes", "w5-sym"], "--schemes: unknown ['w5-sym']"),
+    (["--recipes", "w9a16_nothing"], "--recipes: no ['w9a16_nothing']"),
+])
+def test_check_script_refuses_unknown_schemes_and_recipes(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _checkpoint_writer().parse_args([str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
+
+
 def test_module_imports_no_llmcompressor_as_a_file():
     code = (
         "import sys; sys.path.insert(0, 'qep_modifier'); import vllm_check; "
@@ -338,3 +370,26 @@ def test_main_reports_an_unreadable_quantization_config(checkpoint, monkeypatch,
         "zp_dtype: Extra inputs are not permitted"
     )
     assert lines[-1].startswith("FAIL: 1 problem(s)")
+
+
+def test_main_checks_several_checkpoints_in_one_process(checkpoint, tmp_path, monkeypatch, capsys):
+    import json
+    import shutil
+
+    broken = tmp_path / "no-quantization-config"
+    shutil.copytree(checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    del config["quantization_config"]
+    (broken / "config.json").write_text(json.dumps(config))
+    fake_vllm(monkeypatch, packing="dense")
+    assert vllm_check.main([str(checkpoint), str(broken)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[0] == f"== {checkpoint}"
+    assert lines[1].startswith("OK: vLLM 0.33.0+fake creates exactly the file's 63 tensors")
+    assert f"== {broken}" in lines
+    assert f"{broken}/config.json has no quantization_config" in captured.err
+    assert lines[-2:] == ["1 of 2 checkpoints do not match vLLM:", f"  {broken}"]
+    fake_vllm(monkeypatch, packing="dense")
+    assert vllm_check.main([str(checkpoint), str(checkpoint)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "all 2 checkpoints match what vLLM creates"
