@@ -181,6 +181,29 @@ METHODS = {
         )
         for strength in (0.25, 0.75)
     },
+    # block tuning on top of the rotated, twice-refitted recipe
+    **{
+        f"spinquant_qep_refit2_tuned{epochs}": (
+            _rotated(_qep(weights_extra=BEST, refit_scales=2, block_tuning_epochs=epochs)),
+            {},
+            f"SpinQuant R1+R2, then QEP + GPTQ, refit 2, block tuning {epochs} epoch(s) "
+            "(group scales and norms to the full-precision layer output)",
+        )
+        for epochs in (1, 2)
+    },
+    "spinquant_gptq_refit2_tuned1": (
+        _rotated(
+            _qep(
+                weights_extra=BEST,
+                refit_scales=2,
+                block_tuning_epochs=1,
+                propagation_strength=0.0,
+                true_sequential=False,
+            )
+        ),
+        {},
+        "SpinQuant R1+R2, then GPTQ (QEPModifier strength 0), refit 2, block tuning 1 epoch",
+    ),
     "qep_no_true_sequential": (_qep(true_sequential=False), {}, "QEP, within-block order off"),
     "qep_no_cache": (
         _qep(cache_full_precision_inputs=False),

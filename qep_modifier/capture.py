@@ -495,6 +495,11 @@ class LayerStreams:
                 outputs.append(hidden.to(self.offload_device or hidden.device))
         return outputs
 
+    def quantized_calls(self) -> Callable[[], Iterator[Batch]]:
+        """Each batch's recorded call with its quantized-stream input:
+        ``(batch, args, kwargs, hidden)``, ``hidden`` ``None`` for the recorded one."""
+        return functools.partial(self._batches, self._quantized_hidden)
+
     # -------------------------------------------------------------- helpers
     def _batches(self, hidden_states: list[torch.Tensor] | None) -> Iterator[Batch]:
         for batch, args, kwargs in self._calls():

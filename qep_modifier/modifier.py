@@ -64,11 +64,22 @@ from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.utils.metric_logging import CompressionLogger
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
+from qep_modifier.block_tuning import (
+    OffGrid,
+    column_groups,
+    dequantized_weight,
+    gained,
+    grid_codes,
+    scales_with_weight,
+    token_relative_error,
+    tune,
+)
 from qep_modifier.capture import (
     LayerPass,
     LayerStreams,
     RecordedCalls,
     SkippedCalibration,
+    first_tensor,
     split_hidden,
 )
 from qep_modifier.correction import (
@@ -88,6 +99,7 @@ from qep_modifier.distributed import (
     rank,
     reduce_statistics,
     shared,
+    world_size,
 )
 from qep_modifier.gptq_sweep import (
     quantize_weight_first_order,
@@ -132,7 +144,7 @@ _RECIPE_FIELDS = (
     "targets", "ignore", "scheme", "config_groups", "weight_observer", "actorder",
     "block_size", "dampening_frac", "propagation_strength", "correction_damping",
     "base", "true_sequential", "first_order_strength", "first_order_reach", "group_scales",
-    "refit_scales",
+    "refit_scales", "block_tuning_epochs", "block_tuning_learning_rate",
     "stream_offload_device", "cache_full_precision_inputs", "resume_replays",
     "report_errors",
 )
@@ -203,6 +215,20 @@ class QEPModifier(GPTQModifier):
         sweep runs again on the refitted grid before each further refit (one
         sweep more per refit). Group or channel strategy, ``base: gptq``,
         ``group_scales: observer``
+    :param block_tuning_epochs: after a decoder layer's Linears are quantized,
+        this many passes of Adam steps (one per calibration batch) over the layer:
+        they hold every integer code and zero point and tune the group scales of
+        the Linears just quantized and the layer's RMSNorm weights, so that the
+        layer's output on the quantized stream matches the full-precision layer's
+        output on the full-precision stream, per token relative to the token's
+        size (:func:`~qep_modifier.block_tuning.token_relative_error`). 0: no
+        tuning, as GPTQModifier. The checkpoint has the same format (scales and
+        norm weights change). Each pass costs about three forwards of the layer
+        per batch. One process only (no torch.distributed); group or channel
+        strategy
+    :param block_tuning_learning_rate: Adam's learning rate for block tuning, > 0
+        (scales are tuned as ``scale * exp(gain)``, norm weights through a gain
+        on the norm's output)
     :param stream_offload_device: where the full-precision stream, the recorded
         layer calls and the kept activations wait; keep it equal to oneshot's
         ``sequential_offload_device``
@@ -231,6 +257,8 @@ class QEPModifier(GPTQModifier):
     stream_offload_device: str | None = "cpu"
     group_scales: Literal["observer", "sweep"] = "observer"
     refit_scales: int = 0
+    block_tuning_epochs: int = 0
+    block_tuning_learning_rate: float = 0.005
     cache_full_precision_inputs: bool = True
     resume_replays: bool = True
     report_errors: bool = False
@@ -331,11 +359,11 @@ class QEPModifier(GPTQModifier):
                     ) from error
         return value
 
-    @field_validator("correction_damping")
+    @field_validator("correction_damping", "block_tuning_learning_rate")
     @classmethod
-    def _check_correction_damping(cls, value):
+    def _check_positive(cls, value, info):
         if not value > 0:
-            raise ValueError(f"correction_damping must be > 0, got {value}")
+            raise ValueError(f"{info.field_name} must be > 0, got {value}")
         return value
 
     @field_validator("first_order_strength")
@@ -345,12 +373,13 @@ class QEPModifier(GPTQModifier):
             raise ValueError(f"first_order_strength must be >= 0, got {value}")
         return value
 
-    @field_validator("refit_scales", mode="before")
+    @field_validator("refit_scales", "block_tuning_epochs", mode="before")
     @classmethod
-    def _check_refit_scales(cls, value):
+    def _check_counts(cls, value, info):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            what = {"refit_scales": "refits per module", "block_tuning_epochs": "passes over the calibration batches per layer"}
             raise ValueError(
-                f"refit_scales must be a whole number >= 0 (refits per module), got {value!r}"
+                f"{info.field_name} must be a whole number >= 0 ({what[info.field_name]}), got {value!r}"
             )
         return value
 
@@ -363,6 +392,7 @@ class QEPModifier(GPTQModifier):
             super().on_initialize(state, **kwargs)
         self._check_weight_only_int()
         self._check_refit_scales_fit()
+        self._check_block_tuning_fit()
         self.check_group_sizes(
             (name, module) for module, name in self._module_names.items()
         )
@@ -517,7 +547,8 @@ class QEPModifier(GPTQModifier):
                 full_precision_hidden=self._full_precision_stream,
                 plan=plan,
                 final=[module for module in linears if module not in todo],
-                stream_needed=self._layers.index(layer) < self._last_paired_layer,
+                stream_needed=self.block_tuning_epochs > 0
+                or self._layers.index(layer) < self._last_paired_layer,
                 cache_full_precision=self.cache_full_precision_inputs,
                 resume=self.resume_replays,
                 offload_device=self.stream_offload_device,
@@ -542,7 +573,80 @@ class QEPModifier(GPTQModifier):
                 self._quantize_group(list(group.modules), statistics, held_out)
             progress.close()
             self._full_precision_stream = streams.finish()
+            if self.block_tuning_epochs and todo:
+                self._tune_layer(layer, todo, streams.quantized_calls(), self._full_precision_stream)
             return streams.propagate() if propagate else None
+
+    def _tune_layer(self, layer, linears, calls, targets) -> None:
+        """Block tuning (``block_tuning_epochs``): Adam steps on ``linears``'
+        group scales and the layer's RMSNorm weights, so the layer's output on
+        each batch's quantized-stream call (``calls()``) matches ``targets``
+        (the full-precision layer's outputs); then the tuned scales, weights and
+        norm weights are written back (:mod:`qep_modifier.block_tuning`)."""
+        grids = {}
+        for module in linears:
+            scale = module.weight_scale.detach().to(torch.float32)
+            zero_point = module.weight_zero_point.detach()
+            groups = column_groups(module.in_features, scale, getattr(module, "weight_g_idx", None))
+            try:
+                codes = grid_codes(module.weight.detach(), scale, zero_point, groups)
+            except OffGrid as off:
+                raise RuntimeError(f"QEP block tuning: {self._module_names[module]}: {off}") from off
+            gain = torch.zeros_like(scale, requires_grad=True)
+            grids[module] = (codes, scale, zero_point, groups, gain)
+        norms = {
+            module: torch.ones_like(module.weight, dtype=torch.float32, requires_grad=True)
+            for module in layer.modules()
+            if type(module).__name__.endswith("RMSNorm") and scales_with_weight(module)
+        }
+
+        def tuned_weights():
+            return {
+                module: dequantized_weight(codes, scale * gain.exp(), zero_point, groups)
+                for module, (codes, scale, zero_point, groups, gain) in grids.items()
+            }
+
+        progress = tqdm(
+            total=self.block_tuning_epochs * self._calls.num_batches(layer),
+            desc=f"QEP tuning {self._layer_names[layer]}",
+            leave=False,
+        )
+
+        def batch_losses():
+            for batch, args, kwargs, hidden in calls():
+                progress.update(1)
+                with contextlib.ExitStack() as stack:
+                    for norm, norm_gain in norms.items():
+                        stack.enter_context(
+                            patch_attr(norm, "forward", partial(gained, norm.forward, norm_gain))
+                        )
+                    plain = stack.enter_context(
+                        LayerPass(self, layer, (), weights=tuned_weights())
+                    )
+                    output = first_tensor(plain.run(batch, args, kwargs, hidden)[1])
+                yield token_relative_error(output, targets[batch].to(output.device))
+
+        history = tune(
+            [gain for *_, gain in grids.values()] + list(norms.values()),
+            batch_losses,
+            self.block_tuning_epochs,
+            self.block_tuning_learning_rate,
+        )
+        progress.close()
+        with torch.no_grad():
+            for module, weight in tuned_weights().items():
+                scale = grids[module][1] * grids[module][4].exp()
+                update_offload_parameter(module, "weight", weight.to(module.weight.dtype))
+                update_offload_parameter(module, "weight_scale", scale.to(module.weight_scale.dtype))
+            for norm, norm_gain in norms.items():
+                update_offload_parameter(
+                    norm, "weight", (norm.weight.to(torch.float32) * norm_gain).to(norm.weight.dtype)
+                )
+        if history:
+            logger.info(
+                f"QEP: tuned {self._layer_names[layer]}: mean relative output error per token, per epoch "
+                + " -> ".join(f"{loss:.4g}" for loss in history)
+            )
 
     def _recorded_calls(self, layer: torch.nn.Module):
         for batch in range(self._calls.num_batches(layer)):
@@ -1038,6 +1142,22 @@ class QEPModifier(GPTQModifier):
             if weights.strategy not in ("group", "channel"):
                 raise ValueError(
                     f"refit_scales needs the group or channel strategy: {name} has "
+                    f"strategy {weights.strategy!r}"
+                )
+
+    def _check_block_tuning_fit(self):
+        if not self.block_tuning_epochs:
+            return
+        if world_size() > 1:
+            raise ValueError(
+                f"block_tuning_epochs needs one process: torch.distributed runs "
+                f"{world_size()}; set block_tuning_epochs: 0 or run in one process"
+            )
+        for module, name in self._module_names.items():
+            weights = getattr_chain(module, "quantization_scheme.weights", None)
+            if weights is not None and weights.strategy not in ("group", "channel"):
+                raise ValueError(
+                    f"block_tuning_epochs tunes group or channel scales: {name} has "
                     f"strategy {weights.strategy!r}"
                 )
 

@@ -24,6 +24,9 @@ from tests.models import group_scheme, load_model, quantize, save_tiny_llama, to
         ({"refit_scales": -1}, ["refit_scales", "whole number >= 0"]),
         ({"refit_scales": True}, ["refit_scales", "whole number >= 0"]),
         ({"refit_scales": 1.5}, ["refit_scales", "whole number >= 0"]),
+        ({"block_tuning_epochs": -1}, ["block_tuning_epochs", "whole number >= 0"]),
+        ({"block_tuning_epochs": 2.5}, ["block_tuning_epochs", "whole number >= 0"]),
+        ({"block_tuning_learning_rate": 0.0}, ["block_tuning_learning_rate", "> 0"]),
         ({"unknown_field": 1}, ["unknown_field"]),
     ],
 )
@@ -65,21 +68,32 @@ def test_non_integer_or_activation_schemes_fail_before_calibration(model_dir, sc
         assert torch.equal(value, untouched[name]), name
 
 
+TENSOR_SCALES = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "tensor"}}}
+
+
 @pytest.mark.parametrize(
-    "fields, scheme, words",
+    "fields, scheme, world_size, words",
     [
-        ({"base": "rtn"}, group_scheme(3, 32), ["refit_scales", "base: gptq"]),
-        ({"group_scales": "sweep"}, group_scheme(3, 32), ["refit_scales", "group_scales: observer"]),
+        ({"refit_scales": 1, "base": "rtn"}, group_scheme(3, 32), 1, ["refit_scales", "base: gptq"]),
         (
-            {},
-            {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "tensor"}}},
-            ["refit_scales", "group or channel strategy", "'tensor'"],
+            {"refit_scales": 1, "group_scales": "sweep"},
+            group_scheme(3, 32),
+            1,
+            ["refit_scales", "group_scales: observer"],
         ),
+        ({"refit_scales": 1}, TENSOR_SCALES, 1, ["refit_scales", "group or channel strategy", "'tensor'"]),
+        ({"block_tuning_epochs": 1}, TENSOR_SCALES, 1, ["block_tuning_epochs", "group or channel scales", "'tensor'"]),
+        ({"block_tuning_epochs": 1}, group_scheme(4, 32), 2, ["block_tuning_epochs needs one process", "runs 2"]),
     ],
-    ids=["rtn", "sweep-scales", "tensor"],
+    ids=["refit-rtn", "refit-sweep-scales", "refit-tensor", "tuning-tensor", "tuning-distributed"],
 )
-def test_refit_scales_that_cannot_apply_fail_before_calibration(model_dir, fields, scheme, words):
-    recipe = QEPModifier(targets="Linear", ignore=["lm_head"], config_groups=scheme, refit_scales=1, **fields)
+def test_scale_fields_that_cannot_apply_fail_before_calibration(
+    model_dir, monkeypatch, fields, scheme, world_size, words
+):
+    import qep_modifier.modifier as modifier_module
+
+    monkeypatch.setattr(modifier_module, "world_size", lambda: world_size)
+    recipe = QEPModifier(targets="Linear", ignore=["lm_head"], config_groups=scheme, **fields)
     with pytest.raises(ValueError) as error:
         quantize(model_dir, recipe, token_dataset(2, 16, seed=0))
     message = str(error.value)

@@ -1,0 +1,154 @@
+"""Block tuning's pure pieces against float64 references (no models)."""
+
+import pytest
+import torch
+
+from qep_modifier.block_tuning import OffGrid, column_groups, dequantized_weight, grid_codes, tune
+
+
+def _grid(rows=6, columns=32, groups=4, bits=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, columns), generator=generator).to(torch.float64)
+    scale = torch.rand(rows, groups, generator=generator, dtype=torch.float64) + 0.1
+    zero_point = torch.randint(0, 2**bits, (rows, groups), generator=generator).to(torch.int8)
+    return codes, scale, zero_point
+
+
+def test_column_groups_for_group_channel_and_g_idx():
+    assert torch.equal(column_groups(8, torch.ones(3, 2)), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    assert torch.equal(column_groups(5, torch.ones(3, 1)), torch.zeros(5, dtype=torch.long))
+    g_idx = torch.tensor([1, 0, 1, 0], dtype=torch.int32)
+    assert torch.equal(column_groups(4, torch.ones(3, 2), g_idx), g_idx.long())
+    with pytest.raises(OffGrid, match="do not split"):
+        column_groups(7, torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("permuted", [False, True], ids=["contiguous", "g_idx"])
+def test_codes_and_weight_round_trip_against_float64(permuted):
+    codes, scale, zero_point = _grid()
+    groups = torch.arange(32) // 8
+    if permuted:
+        groups = groups[torch.randperm(32, generator=torch.Generator().manual_seed(1))]
+    # float64 reference: each element by hand
+    reference = torch.empty(6, 32, dtype=torch.float64)
+    for row in range(6):
+        for column in range(32):
+            group = groups[column]
+            reference[row, column] = (codes[row, column] - float(zero_point[row, group])) * scale[row, group]
+    weight = dequantized_weight(codes, scale, zero_point, groups)
+    assert torch.equal(weight, reference)
+    recovered = grid_codes(weight.to(torch.float32), scale.to(torch.float32), zero_point, groups)
+    assert torch.equal(recovered, codes.to(torch.float32))
+
+
+def test_grid_codes_refuse_a_weight_off_its_grid():
+    codes, scale, zero_point = _grid()
+    groups = torch.arange(32) // 8
+    weight = dequantized_weight(codes, scale, zero_point, groups)
+    weight[2, 5] += 0.4 * scale[2, 0]
+    with pytest.raises(OffGrid, match="0.400 of a step"):
+        grid_codes(weight, scale, zero_point, groups)
+
+
+def test_dequantized_weight_passes_gradients_to_the_scales_only():
+    codes, scale, zero_point = _grid()
+    groups = torch.arange(32) // 8
+    scale = scale.clone().requires_grad_(True)
+    with torch.enable_grad():  # other tests may leave grad mode off
+        dequantized_weight(codes, scale, zero_point, groups).sum().backward()
+    # d/ds_rg of sum over the group's columns of (c - z) * s = sum (c - z)
+    expected = torch.stack(
+        [(codes[:, groups == g] - zero_point[:, g : g + 1].double()).sum(dim=1) for g in range(4)], dim=1
+    )
+    assert torch.allclose(scale.grad, expected)
+
+
+def test_tune_reaches_the_closed_form_best_channel_scales():
+    """One channel-scaled Linear: the output error is quadratic in each row's
+    scale, with the float64 least-squares optimum s* = <A x, y> / ||A x||^2
+    (A = codes - zero point). Adam on log-gains reaches it."""
+    generator = torch.Generator().manual_seed(0)
+    codes, scale, zero_point = _grid(rows=4, columns=16, groups=1)
+    groups = column_groups(16, scale)
+    inputs = [torch.randn(32, 16, generator=generator, dtype=torch.float64) for _ in range(4)]
+    centred = codes - zero_point.double()
+    # a weight near the grid at 1.3x its scales, plus what no scale can reach
+    true_weight = centred * 1.3 * scale + 0.1 * torch.randn(4, 16, generator=generator, dtype=torch.float64)
+    targets = [x @ true_weight.T for x in inputs]
+    x_all, y_all = torch.cat(inputs), torch.cat(targets)
+    projected = x_all @ centred.T  # tokens x rows: A x per row
+    best = (projected * y_all).sum(0) / (projected * projected).sum(0)
+    assert (best > 1.1 * scale[:, 0]).all()  # far from where tuning starts
+
+    gain = torch.zeros_like(scale, requires_grad=True)
+
+    def batch_losses():
+        for x, y in zip(inputs, targets):
+            weight = dequantized_weight(codes, scale * gain.exp(), zero_point, groups)
+            yield (x @ weight.T - y).pow(2).mean()
+
+    history = tune([gain], batch_losses, epochs=300, learning_rate=0.02)
+    assert len(history) == 300 and history[-1] < history[0]
+    tuned = (scale * gain.exp()).detach()[:, 0]
+    assert torch.allclose(tuned, best, rtol=1e-3), (tuned, best)
+
+
+def test_tune_steps_under_no_grad():
+    gain = torch.zeros(3, requires_grad=True)
+    with torch.no_grad():
+        history = tune([gain], lambda: [(gain - 1).pow(2).sum()], epochs=2, learning_rate=0.1)
+    assert len(history) == 2 and (gain > 0).all()
+
+
+def test_tune_with_zero_epochs_changes_nothing():
+    gain = torch.zeros(3, requires_grad=True)
+    calls = []
+
+    def batch_losses():
+        calls.append(1)
+        yield gain.sum()
+
+    assert tune([gain], batch_losses, epochs=0, learning_rate=0.1) == []
+    assert not calls and torch.equal(gain, torch.zeros(3))
+
+
+def test_norms_whose_output_scales_with_their_weight_are_told_apart():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from qep_modifier.block_tuning import gained, scales_with_weight
+
+    llama, gemma = LlamaRMSNorm(8), GemmaRMSNorm(8)
+    with torch.no_grad():
+        llama.weight.copy_(torch.linspace(0.5, 1.5, 8))
+        gemma.weight.copy_(torch.linspace(-0.5, 0.5, 8))
+    before = (llama.weight.clone(), gemma.weight.clone())
+    assert scales_with_weight(llama)
+    assert not scales_with_weight(gemma)  # (1 + weight) * normalised
+    assert not scales_with_weight(torch.nn.Linear(8, 8))  # a 2-D weight: not a norm
+    assert torch.equal(llama.weight, before[0]) and torch.equal(gemma.weight, before[1])
+    # for Llama's norm, an output gain is the same as a weight times that gain
+    x, gain = torch.randn(3, 8, dtype=torch.float64), torch.linspace(0.8, 1.2, 8, dtype=torch.float64)
+    llama = llama.double()
+    expected = llama(x) * gain
+    assert torch.allclose(gained(llama.forward, gain, x), expected)
+    with torch.no_grad():
+        llama.weight.mul_(gain)
+    assert torch.allclose(llama(x), expected)
+
+
+def test_token_relative_error_against_float64():
+    from qep_modifier.block_tuning import token_relative_error
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64)
+    target[0, 0] *= 1000  # a massive-activation token
+    output = target + 0.1 * torch.randn(2, 5, 8, generator=generator, dtype=torch.float64)
+    reference = sum(
+        float(((output[b, t] - target[b, t]) ** 2).sum() / (target[b, t] ** 2).sum())
+        for b in range(2)
+        for t in range(5)
+    ) / 10
+    got = token_relative_error(output.float(), target.float())
+    assert got.dtype == torch.float32
+    assert abs(got.item() - reference) < 1e-6 * reference
