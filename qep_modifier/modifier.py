@@ -600,11 +600,14 @@ class QEPModifier(GPTQModifier):
             if type(module).__name__.endswith("RMSNorm") and scales_with_weight(module)
         }
 
-        def tuned_weights():
+        def tuned_weights(scales):
             return {
-                module: dequantized_weight(codes, scale * gain.exp(), zero_point, groups)
-                for module, (codes, scale, zero_point, groups, gain) in grids.items()
+                module: dequantized_weight(codes, scales[module], zero_point, groups)
+                for module, (codes, _, zero_point, groups, _) in grids.items()
             }
+
+        def tuned_scales():
+            return {module: scale * gain.exp() for module, (_, scale, _, _, gain) in grids.items()}
 
         progress = tqdm(
             total=self.block_tuning_epochs * self._calls.num_batches(layer),
@@ -621,7 +624,7 @@ class QEPModifier(GPTQModifier):
                             patch_attr(norm, "forward", partial(gained, norm.forward, norm_gain))
                         )
                     plain = stack.enter_context(
-                        LayerPass(self, layer, (), weights=tuned_weights())
+                        LayerPass(self, layer, (), weights=tuned_weights(tuned_scales()))
                     )
                     output = first_tensor(plain.run(batch, args, kwargs, hidden)[1])
                 yield token_relative_error(output, targets[batch].to(output.device))
@@ -634,10 +637,12 @@ class QEPModifier(GPTQModifier):
         )
         progress.close()
         with torch.no_grad():
-            for module, weight in tuned_weights().items():
-                scale = grids[module][1] * grids[module][4].exp()
+            scales = tuned_scales()
+            for module, weight in tuned_weights(scales).items():
                 update_offload_parameter(module, "weight", weight.to(module.weight.dtype))
-                update_offload_parameter(module, "weight_scale", scale.to(module.weight_scale.dtype))
+                update_offload_parameter(
+                    module, "weight_scale", scales[module].to(module.weight_scale.dtype)
+                )
             for norm, norm_gain in norms.items():
                 update_offload_parameter(
                     norm, "weight", (norm.weight.to(torch.float32) * norm_gain).to(norm.weight.dtype)
@@ -1135,15 +1140,7 @@ class QEPModifier(GPTQModifier):
                 "refit_scales refits the observer's scales after the sweep: it needs "
                 f"group_scales: observer, got group_scales: {self.group_scales}"
             )
-        for module, name in self._module_names.items():
-            weights = getattr_chain(module, "quantization_scheme.weights", None)
-            if weights is None:
-                continue
-            if weights.strategy not in ("group", "channel"):
-                raise ValueError(
-                    f"refit_scales needs the group or channel strategy: {name} has "
-                    f"strategy {weights.strategy!r}"
-                )
+        self._check_group_or_channel("refit_scales needs the group or channel strategy")
 
     def _check_block_tuning_fit(self):
         if not self.block_tuning_epochs:
@@ -1153,13 +1150,15 @@ class QEPModifier(GPTQModifier):
                 f"block_tuning_epochs needs one process: torch.distributed runs "
                 f"{world_size()}; set block_tuning_epochs: 0 or run in one process"
             )
+        self._check_group_or_channel("block_tuning_epochs tunes group or channel scales")
+
+    def _check_group_or_channel(self, field_needs: str) -> None:
+        """Raise ``field_needs: <module> has strategy <s>`` for the first module
+        whose weight scales are neither per group nor per channel."""
         for module, name in self._module_names.items():
             weights = getattr_chain(module, "quantization_scheme.weights", None)
             if weights is not None and weights.strategy not in ("group", "channel"):
-                raise ValueError(
-                    f"block_tuning_epochs tunes group or channel scales: {name} has "
-                    f"strategy {weights.strategy!r}"
-                )
+                raise ValueError(f"{field_needs}: {name} has strategy {weights.strategy!r}")
 
     def check_group_sizes(self, named_modules) -> None:
         """Raise one line naming the group sizes and input widths that do not fit
