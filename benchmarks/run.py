@@ -183,27 +183,40 @@ METHODS = {
     },
     # block tuning on top of the rotated, twice-refitted recipe
     **{
-        f"spinquant_qep_refit2_tuned{epochs}": (
-            _rotated(_qep(weights_extra=BEST, refit_scales=2, block_tuning_epochs=epochs)),
+        f"spinquant_qep_refit{rounds}_tuned{epochs}{'' if rate == 0.005 else f'_lr{rate}'}": (
+            _rotated(
+                _qep(
+                    weights_extra=BEST,
+                    refit_scales=rounds,
+                    block_tuning_epochs=epochs,
+                    block_tuning_learning_rate=rate,
+                )
+            ),
             {},
-            f"SpinQuant R1+R2, then QEP + GPTQ, refit 2, block tuning {epochs} epoch(s) "
-            "(group scales and norms to the full-precision layer output)",
+            f"SpinQuant R1+R2, then QEP + GPTQ, refit {rounds}, block tuning {epochs} epoch(s)"
+            + ("" if rate == 0.005 else f", learning rate {rate}")
+            + " (group scales and norms to the full-precision layer output)",
         )
-        for epochs in (1, 2)
+        for rounds, epochs, rate in ((2, 1, 0.005), (2, 2, 0.005), (3, 1, 0.005), (2, 3, 0.01), (2, 1, 0.01))
     },
-    "spinquant_gptq_refit2_tuned1": (
-        _rotated(
-            _qep(
-                weights_extra=BEST,
-                refit_scales=2,
-                block_tuning_epochs=1,
-                propagation_strength=0.0,
-                true_sequential=False,
-            )
-        ),
-        {},
-        "SpinQuant R1+R2, then GPTQ (QEPModifier strength 0), refit 2, block tuning 1 epoch",
-    ),
+    **{
+        f"spinquant_gptq_refit{rounds}_tuned{epochs}{'' if rate == 0.005 else f'_lr{rate}'}": (
+            _rotated(
+                _qep(
+                    weights_extra=BEST,
+                    refit_scales=rounds,
+                    block_tuning_epochs=epochs,
+                    block_tuning_learning_rate=rate,
+                    propagation_strength=0.0,
+                    true_sequential=False,
+                )
+            ),
+            {},
+            f"SpinQuant R1+R2, then GPTQ (QEPModifier strength 0), refit {rounds}, block tuning {epochs} epoch(s)"
+            + ("" if rate == 0.005 else f", learning rate {rate}"),
+        )
+        for rounds, epochs, rate in ((2, 1, 0.005), (3, 1, 0.005), (2, 3, 0.01))
+    },
     "qep_no_true_sequential": (_qep(true_sequential=False), {}, "QEP, within-block order off"),
     "qep_no_cache": (
         _qep(cache_full_precision_inputs=False),

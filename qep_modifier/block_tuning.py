@@ -91,14 +91,18 @@ def token_relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Te
 
 def tune(
     parameters: list[torch.Tensor],
-    batch_losses: Callable[[], Iterable[torch.Tensor]],
+    batch_losses: Callable[[], Iterable[torch.Tensor | None]],
     epochs: int,
     learning_rate: float,
+    share: Callable[[list[torch.Tensor], torch.Tensor | None], float] | None = None,
 ) -> list[float]:
     """Adam on ``parameters``: one step per loss that ``batch_losses()`` yields,
     ``epochs`` times over. Each loss is computed only when the loop asks for it,
-    so it sees the parameters after the previous step. Returns each epoch's
-    mean loss (measured during the epoch)."""
+    so it sees the parameters after the previous step. With ``share`` (several
+    processes), a process yields ``None`` for a step another one computes, and
+    ``share(parameters, loss)``, called after every step's backward, leaves that
+    step's gradients on every process and returns its loss. Returns each
+    epoch's mean loss (measured during the epoch)."""
     if epochs <= 0 or not parameters:
         return []
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)
@@ -106,12 +110,14 @@ def tune(
     with torch.enable_grad():  # also under a caller's no_grad (calibration runs in one)
         for _ in range(epochs):
             total, count = 0.0, 0
-            losses: Iterator[torch.Tensor] = iter(batch_losses())
+            losses: Iterator[torch.Tensor | None] = iter(batch_losses())
             for loss in losses:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss is not None:
+                    loss.backward()
+                value = loss.item() if share is None else share(parameters, loss)
                 optimizer.step()
-                total, count = total + loss.item(), count + 1
+                total, count = total + value, count + 1
             history.append(total / max(count, 1))
     return history
 

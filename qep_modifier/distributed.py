@@ -33,12 +33,14 @@ from qep_modifier.statistics import LinearStatistics
 
 __all__ = [
     "assign_owners",
+    "barrier",
     "check_distinct_shards",
     "gather",
     "is_distributed",
     "publish",
     "rank",
     "reduce_statistics",
+    "share_step",
     "shared",
 ]
 
@@ -111,6 +113,39 @@ def publish(modules: Iterable[torch.nn.Module], owners: dict[torch.nn.Module, in
     dist.barrier()
 
 
+def share_step(parameters: Sequence[torch.Tensor], loss: torch.Tensor | None, owner: int) -> float:
+    """One block-tuning step's gradients and loss, from the rank that computed
+    them (``owner``, whose ``loss`` is not ``None``) on every rank, so every
+    rank's optimizer takes the same step; ``loss.item()`` in one process. A
+    parameter without a gradient on the owner has none on any rank (Adam then
+    leaves it alone, as in one process)."""
+    if not is_distributed():
+        return loss.item()
+    device = parameters[0].device
+    mine = rank() == owner
+    has_gradient = torch.tensor(
+        [int(mine and p.grad is not None) for p in parameters], device=device
+    )
+    value = torch.tensor([loss.item() if mine else 0.0], dtype=torch.float64, device=device)
+    _broadcast([has_gradient, value], owner)
+    gradients = []
+    for parameter, present in zip(parameters, has_gradient.tolist()):
+        if not present:
+            parameter.grad = None
+            continue
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        gradients.append(parameter.grad)
+    _broadcast(gradients, owner)
+    return value.item()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def gather(value: Any) -> list[Any]:
     """Every rank's ``value`` (pickled), in rank order; ``[value]`` in one process."""
     if not is_distributed():
@@ -160,6 +195,12 @@ def check_distinct_shards(calibration) -> None:
             "llm-compressor 0.14 gives every rank the first shard when all pass the same "
             "dataset"
         )
+
+
+def _broadcast(tensors: list[torch.Tensor], source: int) -> None:
+    pending = [dist.broadcast(tensor, src=source, async_op=True) for tensor in tensors]
+    for work in pending:
+        work.wait()
 
 
 def _all_reduce(tensors: list[torch.Tensor], op) -> None:

@@ -31,6 +31,7 @@ import contextlib
 import difflib
 import enum
 import hashlib
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -93,13 +94,14 @@ from qep_modifier.correction import (
 )
 from qep_modifier.distributed import (
     assign_owners,
+    barrier,
     check_distinct_shards,
     gather,
     publish,
     rank,
     reduce_statistics,
+    share_step,
     shared,
-    world_size,
 )
 from qep_modifier.gptq_sweep import (
     quantize_weight_first_order,
@@ -224,8 +226,10 @@ class QEPModifier(GPTQModifier):
         size (:func:`~qep_modifier.block_tuning.token_relative_error`). 0: no
         tuning, as GPTQModifier. The checkpoint has the same format (scales and
         norm weights change). Each pass costs about three forwards of the layer
-        per batch. One process only (no torch.distributed); group or channel
-        strategy
+        per batch. Under torch.distributed the steps run in one order on every
+        rank (rank 0's batches, then rank 1's, ...), each batch's gradients sent
+        from the rank that holds it, so the result is one process's on the ranks'
+        shards in rank order; group or channel strategy
     :param block_tuning_learning_rate: Adam's learning rate for block tuning, > 0
         (scales are tuned as ``scale * exp(gain)``, norm weights through a gain
         on the norm's output)
@@ -585,7 +589,9 @@ class QEPModifier(GPTQModifier):
         norm weights are written back (:mod:`qep_modifier.block_tuning`)."""
         grids = {}
         for module in linears:
-            scale = module.weight_scale.detach().to(torch.float32)
+            # copies (read before any rank writes: under torch.distributed the ranks
+            # may share one CPU copy, and each rank writes the same tuned values into it)
+            scale = module.weight_scale.detach().to(torch.float32, copy=True)
             zero_point = module.weight_zero_point.detach()
             groups = column_groups(module.in_features, scale, getattr(module, "weight_g_idx", None))
             try:
@@ -599,6 +605,7 @@ class QEPModifier(GPTQModifier):
             for module in layer.modules()
             if type(module).__name__.endswith("RMSNorm") and scales_with_weight(module)
         }
+        norm_weights = {norm: norm.weight.detach().to(torch.float32).clone() for norm in norms}
 
         def tuned_weights(scales):
             return {
@@ -609,15 +616,24 @@ class QEPModifier(GPTQModifier):
         def tuned_scales():
             return {module: scale * gain.exp() for module, (_, scale, _, _, gain) in grids.items()}
 
+        # one step per calibration batch, rank 0's batches first, then rank 1's, ...:
+        # the order of one process given the ranks' shards one after the other
+        counts = gather(self._calls.num_batches(layer))
+        step_owners = [owner for owner, count in enumerate(counts) for _ in range(count)]
         progress = tqdm(
-            total=self.block_tuning_epochs * self._calls.num_batches(layer),
+            total=self.block_tuning_epochs * len(step_owners),
             desc=f"QEP tuning {self._layer_names[layer]}",
             leave=False,
         )
 
         def batch_losses():
-            for batch, args, kwargs, hidden in calls():
+            mine = iter(calls())
+            for owner in step_owners:
                 progress.update(1)
+                if owner != rank():
+                    yield None  # another rank's batch: its gradients come from share_step
+                    continue
+                batch, args, kwargs, hidden = next(mine)
                 with contextlib.ExitStack() as stack:
                     for norm, norm_gain in norms.items():
                         stack.enter_context(
@@ -629,11 +645,13 @@ class QEPModifier(GPTQModifier):
                     output = first_tensor(plain.run(batch, args, kwargs, hidden)[1])
                 yield token_relative_error(output, targets[batch].to(output.device))
 
+        owners = itertools.cycle(step_owners)
         history = tune(
             [gain for *_, gain in grids.values()] + list(norms.values()),
             batch_losses,
             self.block_tuning_epochs,
             self.block_tuning_learning_rate,
+            share=lambda parameters, loss: share_step(parameters, loss, next(owners)),
         )
         progress.close()
         with torch.no_grad():
@@ -644,10 +662,9 @@ class QEPModifier(GPTQModifier):
                     module, "weight_scale", scales[module].to(module.weight_scale.dtype)
                 )
             for norm, norm_gain in norms.items():
-                update_offload_parameter(
-                    norm, "weight", (norm.weight.to(torch.float32) * norm_gain).to(norm.weight.dtype)
-                )
-        if history:
+                update_offload_parameter(norm, "weight", (norm_weights[norm] * norm_gain).to(norm.weight.dtype))
+        barrier()  # every rank wrote the same values; none propagates before all have
+        if history and rank() == 0:  # the same on every rank
             logger.info(
                 f"QEP: tuned {self._layer_names[layer]}: mean relative output error per token, per epoch "
                 + " -> ".join(f"{loss:.4g}" for loss in history)
@@ -1145,11 +1162,6 @@ class QEPModifier(GPTQModifier):
     def _check_block_tuning_fit(self):
         if not self.block_tuning_epochs:
             return
-        if world_size() > 1:
-            raise ValueError(
-                f"block_tuning_epochs needs one process: torch.distributed runs "
-                f"{world_size()}; set block_tuning_epochs: 0 or run in one process"
-            )
         self._check_group_or_channel("block_tuning_epochs tunes group or channel scales")
 
     def _check_group_or_channel(self, field_needs: str) -> None:

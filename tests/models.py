@@ -113,6 +113,15 @@ def quantized_linears(model) -> dict[str, dict[str, torch.Tensor]]:
     return found
 
 
+def norm_weights(model) -> dict[str, torch.Tensor]:
+    """The weight of every RMSNorm (block tuning changes them)."""
+    return {
+        name: module.weight.detach().clone()
+        for name, module in model.named_modules()
+        if type(module).__name__.endswith("RMSNorm")
+    }
+
+
 @torch.no_grad()
 def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids).logits.float()

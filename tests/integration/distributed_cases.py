@@ -30,6 +30,7 @@ CASES = {
     "foem": Case("llama", lambda: FOEMModifier(**W3)),
     "qep_foem": Case("llama", lambda: QEPModifier(first_order_strength=0.1, **W3)),
     "report": Case("llama", lambda: QEPModifier(report_errors=True, propagation_strength=0.5, **W3)),
+    "block_tuning": Case("llama", lambda: QEPModifier(block_tuning_epochs=2, refit_scales=1, **W3)),
     "moe": Case("moe", lambda: QEPModifier(**W3)),
     "lm_head": Case("tied", lambda: QEPModifier(targets="Linear", config_groups=group_scheme(3, 32))),
     "identical_data": Case("llama", lambda: QEPModifier(**W3), identical=True),

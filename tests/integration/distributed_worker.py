@@ -3,7 +3,7 @@
 
 For each variant: load the tiny model, calibrate with ``oneshot`` on this rank's
 samples (``batch_size=1``), save every quantized module's weight, scale and zero
-point and the error report to ``<output>/<variant>-rank<r>.pt`` (or, when
+point, every norm's weight and the error report to ``<output>/<variant>-rank<r>.pt`` (or, when
 oneshot raises, the message to ``<variant>-rank<r>.error``).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.models import load_model, quantize, quantized_linears
+from tests.models import load_model, norm_weights, quantize, quantized_linears
 from tests.integration.distributed_cases import CASES, samples_of
 
 
@@ -41,7 +41,11 @@ def main() -> None:
             modifier = case.recipe()
             try:
                 quantized = quantize(model, modifier, data, batch_size=1, **case.oneshot)
-                result = {"weights": quantized_linears(quantized), "report": modifier.error_report}
+                result = {
+                    "weights": quantized_linears(quantized),
+                    "norms": norm_weights(quantized),
+                    "report": modifier.error_report,
+                }
                 torch.save(result, target.with_suffix(".pt"))
             except Exception as error:  # the test reads it
                 target.with_suffix(".error").write_text(f"{error}\n{traceback.format_exc()}")

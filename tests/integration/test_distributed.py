@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from tests.integration.distributed_cases import CASES, both_samples
-from tests.models import REPO, VOCAB_SIZE, load_model, quantize, quantized_linears, save_tiny_llama, save_tiny_qwen3_moe
+from tests.models import (
+    REPO, VOCAB_SIZE, load_model, norm_weights, quantize, quantized_linears, save_tiny_llama, save_tiny_qwen3_moe,
+)
 
 WORLD_SIZE = 2
 RUN = [name for name in CASES if name != "identical_data"]
@@ -86,7 +88,7 @@ def _single_process(models, name, samples=None):
             load_model(models / case.model), modifier, samples or both_samples(case),
             batch_size=1, **case.oneshot,
         )
-    return quantized_linears(model), modifier.error_report
+    return quantized_linears(model), modifier.error_report, norm_weights(model)
 
 
 @pytest.mark.parametrize("name", RUN)
@@ -94,21 +96,25 @@ def test_two_ranks_equal_one_process_bit_for_bit(models, two_ranks, name):
     errors = list(two_ranks.glob(f"{name}-rank*.error"))
     assert not errors, errors[0].read_text()
     results = [torch.load(two_ranks / f"{name}-rank{rank}.pt") for rank in range(WORLD_SIZE)]
-    weights, report = _single_process(models, name)
+    weights, report, norms = _single_process(models, name)
     assert len(weights) >= 14
     for rank, result in enumerate(results):
         assert differences(result["weights"], weights) == [], (name, rank)
+        assert differences({"norms": result["norms"]}, {"norms": norms}) == [], (name, rank)
     # the error report is gathered from every rank, in the single-process order
     assert results[0]["report"] == report
     if name == "report":
         assert len(report) == 21
+    if name == "block_tuning":  # the tuning ran (norms moved), the same on both ranks
+        untouched = norm_weights(load_model(models / "llama"))
+        assert all(not torch.equal(norms[key], untouched[key]) for key in untouched if ".layers." in key)
 
 
 def test_the_comparison_can_fail(models, two_ranks):
     # the same harness against a reference on other data reports differences
     case = CASES["qep"]
     other = both_samples(case).select([0, 0])
-    weights, _ = _single_process(models, "qep", other)
+    weights, _, _ = _single_process(models, "qep", other)
     result = torch.load(two_ranks / "qep-rank1.pt")
     assert differences(result["weights"], weights)
 

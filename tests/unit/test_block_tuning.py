@@ -100,6 +100,37 @@ def test_tune_steps_under_no_grad():
     assert len(history) == 2 and (gain > 0).all()
 
 
+def test_tune_takes_another_process_step_from_share():
+    """Two 'processes' of one batch each: on the first, the second batch's loss
+    is None and ``share`` hands over its gradients (as share_step does); the
+    parameters end bit for bit where one process ends on both batches."""
+    targets = [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 0.7, -1.0])]
+
+    def run(split: bool):
+        gain = torch.zeros(3, requires_grad=True)
+
+        def batch_losses():
+            yield (gain - targets[0]).pow(2).sum()
+            yield None if split else (gain - targets[1]).pow(2).sum()
+
+        def share(parameters, loss):
+            if loss is not None:
+                return loss.item()
+            with torch.enable_grad():  # what the other process computed and sent
+                other = gain.detach().clone().requires_grad_(True)
+                value = (other - targets[1]).pow(2).sum()
+                value.backward()
+            parameters[0].grad = other.grad
+            return value.item()
+
+        history = tune([gain], batch_losses, epochs=3, learning_rate=0.1, share=share if split else None)
+        return gain.detach(), history
+
+    (alone, alone_history), (split, split_history) = run(False), run(True)
+    assert torch.equal(alone, split) and alone_history == split_history
+    assert not torch.equal(alone, torch.zeros(3))
+
+
 def test_tune_with_zero_epochs_changes_nothing():
     gain = torch.zeros(3, requires_grad=True)
     calls = []
