@@ -605,7 +605,7 @@ class QEPModifier(GPTQModifier):
             for module in layer.modules()
             if type(module).__name__.endswith("RMSNorm") and scales_with_weight(module)
         }
-        norm_weights = {norm: norm.weight.detach().to(torch.float32).clone() for norm in norms}
+        norm_weights = {norm: norm.weight.detach().to(torch.float32).clone() for norm in norms}  # copies too
 
         def tuned_weights(scales):
             return {
