@@ -181,41 +181,28 @@ METHODS = {
         )
         for strength in (0.25, 0.75)
     },
-    # block tuning on top of the rotated, twice-refitted recipe
+    # block tuning on top of the rotated, refitted recipes, QEP and GPTQ alike
     **{
-        f"spinquant_qep_refit{rounds}_tuned{epochs}{'' if rate == 0.005 else f'_lr{rate}'}": (
+        f"spinquant_{method}_refit{rounds}_tuned{epochs}{'' if rate == 0.005 else f'_lr{rate}'}": (
             _rotated(
                 _qep(
                     weights_extra=BEST,
                     refit_scales=rounds,
                     block_tuning_epochs=epochs,
                     block_tuning_learning_rate=rate,
+                    **fields,
                 )
             ),
             {},
-            f"SpinQuant R1+R2, then QEP + GPTQ, refit {rounds}, block tuning {epochs} epoch(s)"
+            f"SpinQuant R1+R2, then {label}, refit {rounds}, block tuning {epochs} epoch(s)"
             + ("" if rate == 0.005 else f", learning rate {rate}")
             + " (group scales and norms to the full-precision layer output)",
         )
         for rounds, epochs, rate in ((2, 1, 0.005), (2, 2, 0.005), (3, 1, 0.005), (2, 3, 0.01), (2, 1, 0.01))
-    },
-    **{
-        f"spinquant_gptq_refit{rounds}_tuned{epochs}{'' if rate == 0.005 else f'_lr{rate}'}": (
-            _rotated(
-                _qep(
-                    weights_extra=BEST,
-                    refit_scales=rounds,
-                    block_tuning_epochs=epochs,
-                    block_tuning_learning_rate=rate,
-                    propagation_strength=0.0,
-                    true_sequential=False,
-                )
-            ),
-            {},
-            f"SpinQuant R1+R2, then GPTQ (QEPModifier strength 0), refit {rounds}, block tuning {epochs} epoch(s)"
-            + ("" if rate == 0.005 else f", learning rate {rate}"),
+        for method, label, fields in (
+            ("qep", "QEP + GPTQ", {}),
+            ("gptq", "GPTQ (QEPModifier strength 0)", dict(propagation_strength=0.0, true_sequential=False)),
         )
-        for rounds, epochs, rate in ((2, 1, 0.005), (3, 1, 0.005), (2, 3, 0.01))
     },
     "qep_no_true_sequential": (_qep(true_sequential=False), {}, "QEP, within-block order off"),
     "qep_no_cache": (
