@@ -50,7 +50,7 @@ def main(argv=None) -> None:
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={world_size}", str(REPO / "examples" / "distributed_oneshot.py"),
             "--recipe", args.recipe, "--num-samples", str(args.num_samples),
-            "--seq-len", str(args.seq_len), "--output", str(output),
+            "--seq-len", str(args.seq_len), "--output", str(output), "--overwrite",
         ]
         print("==", " ".join(command[2:]), flush=True)
         run = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)

@@ -45,7 +45,10 @@ def parse_args(argv=None):
                         help="calibration windows in all, split over the ranks (default: 32)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument("--seed", type=int, default=0, help="window positions (default: 0)")
-    parser.add_argument("--output", type=Path, required=True, help="checkpoint folder (rank 0 writes it)")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="checkpoint folder, new or empty (rank 0 writes it)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing checkpoint folder at --output whole")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                         help="dtype of the saved checkpoint (default: bfloat16)")
     return parser.parse_args(argv)
@@ -75,15 +78,20 @@ def main(argv=None) -> int:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from qep_modifier.cli import format_report
-        from qep_modifier.default_model import default_model_path
+        from qep_modifier.default_model import default_model_folder, default_model_path
         from qep_modifier.workflow import (
             DTYPES,
             calibration_windows,
+            check_output,
             load_recipe,
+            one_line_errors,
             quantize,
             save_checkpoint,
         )
 
+        # every rank reads the same answer: all stop here, or none
+        with one_line_errors("distributed_oneshot.py"):
+            check_output(args.output, args.overwrite, [args.model or default_model_folder()])
         model_path = args.model or default_model_path()
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         windows = calibration_windows(tokenizer, args.text, args.num_samples, args.seq_len, args.seed)
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
                                                "peak_rss_gib": peak, "samples": len(shard)}) + "\n")
         sys.stdout.flush()
         # collective: compressed-tensors compresses on every rank, rank 0 writes
-        save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype])
+        save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype], overwrite=args.overwrite)
         if rank == 0:
             print(f"saved compressed ({args.dtype}) to {args.output}")
             for modifier in recipe.modifiers:

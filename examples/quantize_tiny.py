@@ -22,6 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TEXT_PATH = REPO.parent / "shared" / "bench" / "austen.txt"
 DEFAULT_RECIPE = REPO / "recipes" / "w4a16_qep_gptq.yaml"
+DEFAULT_OUTPUT = Path("out/tiny-qep-w4")  # this example's own: a later run replaces it
 
 # The tokenizer is used before datasets forks; silence the fork warning it would print.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -149,7 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--recipe", type=Path, default=DEFAULT_RECIPE, help="recipe for --modifier qep"
     )
-    parser.add_argument("--output", type=Path, default=Path("out/tiny-qep-w4"))
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="a new or empty folder; the default is replaced when it holds a checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing checkpoint folder at --output whole")
     parser.add_argument("--samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--eval-samples", type=int, default=8, help="held-out windows")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per window")
@@ -160,6 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     from llmcompressor import oneshot
+
+    from qep_modifier.workflow import check_output, one_line_errors, save_checkpoint
+
+    overwrite = args.overwrite or args.output == DEFAULT_OUTPUT
+    with one_line_errors("quantize_tiny.py"):
+        check_output(args.output, overwrite)
 
     if args.modifier == "qep":
         import qep_modifier  # noqa: F401  (registers QEPModifier for the recipe parser)
@@ -195,9 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         model.eval()
         q_logits = logits_of(model, heldout)
 
-        args.output.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(args.output, save_compressed=True)
-        tokenizer.save_pretrained(args.output)
+        # float32 as calibrated: the reloaded logits are compared with these
+        save_checkpoint(model, tokenizer, args.output, dtype=None, overwrite=overwrite)
 
     reloaded = AutoModelForCausalLM.from_pretrained(args.output, dtype=torch.float32).eval()
     r_logits = logits_of(reloaded, heldout)

@@ -137,7 +137,14 @@ def oneshot_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     parser.add_argument("--seed", type=int, default=0, help="seed for the window positions")
-    parser.add_argument("--output", type=Path, required=True, help="where to save the checkpoint")
+    parser.add_argument(
+        "--output", type=Path, required=True,
+        help="where to save the checkpoint: a new or empty folder (never the model's own)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing checkpoint folder at --output whole (its files are removed)",
+    )
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default="bfloat16",
         help="dtype of the saved checkpoint's scales and unquantized tensors (what is served)",
@@ -162,10 +169,11 @@ def oneshot_main(argv: list[str] | None = None) -> int:
 def _oneshot(args) -> int:
     from transformers import AutoTokenizer
 
-    from qep_modifier.default_model import default_model_path
+    from qep_modifier.default_model import default_model_folder, default_model_path
     from qep_modifier.workflow import (
         DTYPES,
         calibration_windows,
+        check_output,
         check_recipe_fits,
         load_recipe,
         model_config,
@@ -177,6 +185,7 @@ def _oneshot(args) -> int:
 
     quiet_logs()
     # every check before any model is loaded
+    check_output(args.output, args.overwrite, [args.model or default_model_folder()])
     recipe = load_recipe(args.recipe, report=not args.no_report)
     dataset_source = resolve_dataset(args.dataset)
     check_recipe_fits(model_config(args.model), recipe)
@@ -205,7 +214,7 @@ def _oneshot(args) -> int:
             max_seq_length=args.seq_len,
             shuffle_calibration_samples=False,
         )
-    save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype])
+    save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype], overwrite=args.overwrite)
 
     print()
     fmt = _check_format(args.output)

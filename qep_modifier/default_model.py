@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "cache_dir",
     "default_model_config",
+    "default_model_folder",
     "default_model_path",
     "gguf_path",
 ]
@@ -41,6 +42,11 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall: {_INSTALL_HINT}")
     return path
+
+
+def default_model_folder() -> Path:
+    """Where the converted model is (or will be) kept; nothing is converted."""
+    return cache_dir() / DEFAULT_MODEL_NAME
 
 
 def default_model_path() -> Path:

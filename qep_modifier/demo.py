@@ -25,11 +25,13 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["main", "DEFAULT_TEXT", "DEFAULT_RECIPE", "comparison_modifiers", "split_text"]
+__all__ = ["main", "DEFAULT_TEXT", "DEFAULT_RECIPE", "DEFAULT_OUTPUT", "comparison_modifiers", "split_text"]
 
 DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "austen_emma_excerpt.txt"
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "w3a16_qep_gptq.yaml"
 CALIBRATION_SHARE = 2 / 3
+#: the demo's own output: a run replaces the checkpoint an earlier run saved there
+DEFAULT_OUTPUT = Path("out/smollm2-qep")
 
 
 def split_text(token_ids, seq_len: int):
@@ -111,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     parser.add_argument("--eval-windows", type=int, default=8, help="evaluation windows (at most)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the calibration windows")
-    parser.add_argument("--output", type=Path, default=Path("out/smollm2-qep"),
-                        help="where the recipe's compressed checkpoint goes")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="where the recipe's compressed checkpoint goes: a new or empty "
+                        "folder; the default is replaced when it holds a checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing checkpoint folder at --output whole")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
                         help="dtype of the saved checkpoint")
     args = parser.parse_args(argv)
@@ -127,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from transformers import AutoTokenizer
 
-    from qep_modifier.default_model import default_model_path
+    from qep_modifier.default_model import default_model_folder, default_model_path
     from qep_modifier.evaluation import tokenize_text
     from qep_modifier.workflow import (
         DTYPES,
         InputError,
         calibration_windows,
+        check_output,
         check_recipe_fits,
         load_causal_lm,
         model_config,
@@ -147,6 +153,8 @@ def _run(args) -> int:
 
     quiet_logs()
     # every check before any model is loaded
+    overwrite = args.overwrite or args.output == DEFAULT_OUTPUT
+    check_output(args.output, overwrite, [args.model or default_model_folder()])
     recipe_path = resolve_recipe(args.recipe)
     if not args.text.is_file():
         raise InputError(f"--text {args.text} does not exist")
@@ -180,7 +188,7 @@ def _run(args) -> int:
         seconds = None if recipe is None else time.perf_counter() - start
         ppl = score(model, windows)
         if isinstance(recipe, Path):
-            save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype])
+            save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype], overwrite=overwrite)
         rows.append((label, ppl, seconds))
         print(f"[{step}/{len(runs)}] {label}: perplexity {ppl:.2f}", flush=True)
         del model

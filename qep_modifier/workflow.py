@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import secrets
+import shutil
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +30,9 @@ from qep_modifier.evaluation import (
 __all__ = [
     "InputError",
     "bar_chart",
+    "check_output",
     "check_recipe_fits",
+    "first_non_finite",
     "one_line_errors",
     "model_config",
     "quiet_loading",
@@ -311,31 +317,200 @@ def model_config(model: str | Path | None):
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def save_checkpoint(model, tokenizer, output: Path, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+def check_output(output: str | Path, overwrite: bool = False, sources: Sequence[str | Path] = ()) -> Path:
+    """Where a checkpoint may be saved: ``output`` as an absolute path (the links
+    of its parent resolved), else :class:`InputError`. Refused: a model folder of
+    ``sources`` that is ``output``, lies under it or holds it (even with
+    ``overwrite``: a source is never replaced); a link, a file; a folder that
+    holds anything, unless ``overwrite`` and it holds a model (``config.json``),
+    which the save then replaces whole; a parent that is a file or that this
+    process may not write. Cheap: the tools call it before loading a model,
+    :func:`save_checkpoint` again before writing."""
+    given = output
+    absolute = Path(os.path.abspath(Path(output).expanduser()))
+    if not absolute.name:
+        raise InputError(f"--output {given}: give a folder to create, not the root")
+    output = absolute.parent.resolve() / absolute.name
+    real = output.resolve()
+    for source in filter(None, sources):
+        source = Path(source).expanduser().resolve()
+        if source.exists() and not source.is_dir():
+            continue  # a file is no model folder; a path not there yet (the default model
+            # before its conversion, a hub name) is protected as well
+        if real == source or source in real.parents:
+            where = "is" if real == source else "lies inside"
+            raise InputError(
+                f"--output {given} {where} the model folder {source}: the source is never "
+                "replaced or written into; choose another folder"
+            )
+        if real in source.parents:
+            raise InputError(
+                f"--output {given} holds the model folder {source}: the source is never "
+                "replaced; choose another folder"
+            )
+    if output.is_symlink():
+        raise InputError(f"--output {given} is a symbolic link (to {real}): give a folder, not a link")
+    if output.exists():
+        if not output.is_dir():
+            raise InputError(f"--output {given} is a file, not a folder")
+        entries = sorted(os.listdir(output))
+        if entries and not overwrite:
+            raise InputError(
+                f"--output {given} already holds {len(entries)} entries (e.g. {entries[0]!r}): "
+                "give a new or empty folder, or --overwrite to replace it whole"
+            )
+        if entries and not (output / "config.json").is_file():
+            raise InputError(
+                f"--output {given} holds files but no model (no config.json): --overwrite "
+                "replaces only a model folder; choose another folder"
+            )
+    existing = next(folder for folder in output.parents if os.path.lexists(folder))
+    if not existing.is_dir():
+        raise InputError(f"--output {given}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--output {given}: no permission to write in {existing}")
+    return output
+
+
+def first_non_finite(model: torch.nn.Module) -> tuple[str, str, int] | None:
+    """The first floating parameter or buffer of ``model`` holding a NaN or an
+    infinity (weights, scales, zero points, norms...): ``(module name, tensor
+    name, how many values)``; ``None`` when every one is finite."""
+    for module_name, module in model.named_modules():
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for tensor_name, tensor in tensors:
+            if tensor is None or tensor.is_meta or not tensor.is_floating_point():
+                continue
+            count = int((~torch.isfinite(tensor.detach())).sum())
+            if count:
+                return module_name, tensor_name, count
+    return None
+
+
+def _non_finite_problem(model, when: str = "") -> str | None:
+    found = first_non_finite(model)
+    if found is None:
+        return None
+    module, tensor, count = found
+    values = "value" if count == 1 else "values"
+    return f"module {module or '(the model itself)'} has non-finite {tensor} ({count} {values}){when}; nothing saved"
+
+
+def save_checkpoint(
+    model, tokenizer, output: Path, dtype: torch.dtype | None = torch.bfloat16, overwrite: bool = False
+) -> Path:
     """Save ``model`` compressed (``pack-quantized``) in ``dtype`` (scales and the
     unquantized tensors; the packed integers do not change), with its tokenizer;
-    every file readable by all (as the rest of a checkpoint is).
+    the absolute path of the saved folder.
+
+    Nothing is written unless every floating tensor is finite (before and after
+    the cast) and :func:`check_output` accepts ``output`` (the folder the model
+    was loaded from protected). The files go to a new hidden folder beside ``output``
+    (``.NAME.tmp-PID-RANDOM``), are made readable by all (umask permitting; only
+    these files, links never followed), and that folder is renamed to ``output``
+    once complete; with ``overwrite`` an existing ``output`` is moved aside first
+    and removed after, never merged. Any failure removes the new folder and
+    leaves ``output`` as it was.
 
     Under torch.distributed every rank must call it: compressed-tensors compresses
-    the model on all ranks together, then rank 0 alone writes the files."""
-    import os
-
+    the model on all ranks together, then rank 0 alone checks the folder, writes
+    and renames; the ranks agree on a refusal first, so none waits for the others."""
     import torch.distributed as dist
 
-    output = Path(output)
-    if dtype is not None:
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    problem = staging = None
+    if writer:
+        try:
+            output = check_output(output, overwrite, _model_folders(model))
+        except InputError as error:
+            problem = str(error)
+    problem = problem or _non_finite_problem(model)
+    if problem is None and dtype is not None:
         model.to(dtype)
-    model.save_pretrained(output, save_compressed=True)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return output
-    if tokenizer is not None:
-        tokenizer.save_pretrained(output)
+        problem = _non_finite_problem(model, f" in {str(dtype).removeprefix('torch.')}")
+    if problem is None and writer:
+        try:
+            staging = _new_staging_folder(output)
+        except OSError as error:
+            problem = f"--output {output}: cannot create a folder beside it: {error.strerror}"
+    problem = _same_on_every_rank(problem)
+    if problem is not None:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise InputError(problem)
+    if not writer:
+        model.save_pretrained(output, save_compressed=True)  # compresses with rank 0, writes nothing
+        return Path(os.path.abspath(output))
+    try:
+        model.save_pretrained(staging, save_compressed=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _make_readable(staging)
+        _move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def _model_folders(model) -> list[str]:
+    """The folder ``model`` was loaded from (or its hub name), to protect."""
+    source = getattr(model, "name_or_path", None)
+    return [source] if source else []
+
+
+def _same_on_every_rank(problem: str | None) -> str | None:
+    """Under torch.distributed, the first rank's problem, on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return problem
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((found for found in problems if found is not None), None)
+
+
+def _sibling(output: Path, kind: str) -> Path:
+    # hidden, beside output: same file system, so the renames are atomic
+    return output.parent / f".{output.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _new_staging_folder(output: Path) -> Path:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(output, "tmp")
+    staging.mkdir()
+    return staging
+
+
+def _make_readable(folder: Path) -> None:
+    """Regular files under ``folder`` (all written by this save) readable by all,
+    umask permitting; links are neither followed nor changed."""
     umask = os.umask(0)
     os.umask(umask)
-    for path in output.rglob("*"):
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-    return output
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.chmod(path, 0o666 & ~umask)
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """``staging`` renamed to ``output``; an existing ``output`` is moved aside
+    first (put back if the rename fails) and removed after."""
+    if not os.path.lexists(output):
+        os.rename(staging, output)
+        return
+    aside = _sibling(output, "old")
+    os.rename(output, aside)
+    try:
+        os.rename(staging, output)
+    except BaseException:
+        os.rename(aside, output)
+        raise
+    try:
+        shutil.rmtree(aside)
+    except OSError as error:
+        print(f"warning: the replaced checkpoint could not be removed: {aside} ({error})", file=sys.stderr)
 
 
 @contextlib.contextmanager
