@@ -13,6 +13,10 @@ row (rows run one after another in one process, so the absolute peak carries
 what earlier rows left allocated; the increase is the comparable number). The table (Markdown and
 CSV) is rewritten after every row, so a cut-off run keeps what it finished;
 a PNG chart is drawn at the end when matplotlib is installed.
+
+The methods are data: ``benchmarks/methods.yaml`` names each one and gives its
+modifiers (or a recipe file), its extra ``oneshot`` keywords and its note; this
+file is the harness only (windows, one process, timing, perplexity, tables).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import psutil
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "bench"
@@ -49,187 +54,72 @@ SCHEMES = {
 }
 
 
-def _gptq(**weights_extra):
-    from llmcompressor.modifiers.gptq import GPTQModifier
-
-    return lambda weights, **_: GPTQModifier(
-        targets="Linear", ignore=["lm_head"], config_groups=_groups({**weights, **weights_extra})
-    )
+METHODS_FILE = Path(__file__).resolve().with_name("methods.yaml")
+ROW_KEYS = {"modifiers", "recipe", "scheme", "oneshot", "note"}
 
 
-def _qep(weights_extra=None, **fields):
-    def build(weights, **_):
-        from qep_modifier import QEPModifier
+class Method:
+    """One row of ``benchmarks/methods.yaml`` (the file's header says what each key means)."""
 
-        return QEPModifier(
-            targets="Linear",
-            ignore=["lm_head"],
-            config_groups=_groups({**weights, **(weights_extra or {})}),
+    def __init__(self, name: str, note: str, modifiers=(), recipe=None, scheme=None, oneshot=None):
+        self.name, self.note, self.modifiers = name, note, tuple(modifiers)
+        self.recipe, self.scheme, self.oneshot = recipe, scheme, dict(oneshot or {})
+
+    def __repr__(self) -> str:
+        return f"Method({self.name!r})"
+
+    def build(self, weights: dict):
+        """The method's modifiers for one grid (``SCHEMES`` value); None for full precision."""
+        if self.recipe is not None:
+            from qep_modifier.workflow import load_recipe
+
+            return list(load_recipe(self.recipe).modifiers)
+        if not self.modifiers:
+            return None
+        return [_modifier(kind, fields, weights) for entry in self.modifiers for kind, fields in entry.items()]
+
+
+def _modifier(kind: str, fields: dict, weights: dict):
+    from llmcompressor.modifiers.factory import ModifierFactory
+    from llmcompressor.modifiers.quantization import QuantizationMixin
+
+    import qep_modifier  # noqa: F401  (registers QEPModifier and FOEMModifier)
+
+    if not ModifierFactory._loaded:
+        ModifierFactory.refresh()
+    fields = dict(fields or {})
+    registry = {**ModifierFactory._main_registry, **ModifierFactory._registered_registry}
+    if kind not in registry:
+        raise SystemExit(f"{METHODS_FILE.name}: unknown modifier {kind!r}")
+    if issubclass(registry[kind], QuantizationMixin):
+        extra = fields.pop("weights", None) or {}
+        fields = {
+            "targets": "Linear",
+            "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {**weights, **extra}}},
             **fields,
-        )
-
-    return build
-
-
-def _rotated(build):
-    """SpinQuant R1 + R2 (random Hadamard, fused into the weights) before ``build``."""
-
-    def rotated(weights, **_):
-        from llmcompressor.modifiers.transform import SpinQuantModifier
-
-        return [SpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard"), build(weights)]
-
-    return rotated
+        }
+    return ModifierFactory.create(kind, allow_registered=True, allow_experimental=True, **fields)
 
 
-def _groups(weights: dict) -> dict:
-    return {"group_0": {"targets": ["Linear"], "weights": weights}}
+def load_methods(path: Path = METHODS_FILE) -> dict[str, Method]:
+    """Every method of ``path`` by name, in the file's order."""
+    rows = yaml.safe_load(path.read_text())["methods"]
+    methods = {}
+    for name, row in rows.items():
+        unknown = set(row) - ROW_KEYS
+        if unknown or "note" not in row or (row.get("recipe") is None) != (row.get("scheme") is None):
+            raise SystemExit(
+                f"{path.name}: method {name!r}: keys {sorted(row)}; allowed {sorted(ROW_KEYS)}, "
+                "`note` required, `recipe` and `scheme` together"
+            )
+        if row.get("scheme") is not None and row["scheme"] not in SCHEMES:
+            raise SystemExit(f"{path.name}: method {name!r}: scheme {row['scheme']!r} is not one of {sorted(SCHEMES)}")
+        methods[name] = Method(name, row["note"], row.get("modifiers") or (), row.get("recipe"), row.get("scheme"), row.get("oneshot"))
+    return methods
 
 
-BEST = {"observer": "memoryless_mse", "actorder": "static"}
-# the mse observer searching clipping ranges down to 0.4x the group's range (its default stops
-# at 0.8x: at 2 bits nearly every group's best clip lies below that)
-WIDE = {**BEST, "observer_kwargs": {"maxshrink": 0.6}}
-
-# method name -> (recipe builder or None for the unquantized model, extra oneshot kwargs, note)
-METHODS = {
-    "fp": (None, {}, "full precision"),
-    "rtn": (_qep(base="rtn", propagation_strength=0.0, true_sequential=False), {}, "round to nearest (observer only)"),
-    "gptq": (_gptq(), {}, "GPTQModifier, stock defaults"),
-    "gptq_best": (_gptq(**BEST), {}, "GPTQModifier, mse observer, static act-order"),
-    "gptq_no_propagation": (_gptq(), {"propagate_error": False}, "GPTQModifier, propagate_error=False"),
-    "qep_rtn": (_qep(base="rtn"), {}, "QEP + RTN"),
-    "qep_gptq": (_qep(), {}, "QEP + GPTQ (defaults)"),
-    "qep_gptq_best": (_qep(weights_extra=BEST), {}, "QEP + GPTQ, mse observer, static act-order"),
-    "qep_auto_best": (
-        _qep(weights_extra=BEST, propagation_strength="auto"),
-        {},
-        "QEP + GPTQ, propagation_strength auto (every module), mse observer, static act-order",
-    ),
-    "gptq_sweep_scales": (
-        _qep(weights_extra=BEST, propagation_strength=0.0, true_sequential=False, group_scales="sweep"),
-        {},
-        "GPTQ (QEPModifier with strength 0, no within-block order), mse group scales chosen in the sweep",
-    ),
-    "qep_sweep_scales": (
-        _qep(weights_extra=BEST, group_scales="sweep"),
-        {},
-        "QEP + GPTQ, mse group scales chosen in the sweep (group-aware order)",
-    ),
-    "qep_auto_sweep_scales": (
-        _qep(weights_extra=BEST, group_scales="sweep", propagation_strength="auto"),
-        {},
-        "QEP + GPTQ, auto strength, mse group scales chosen in the sweep",
-    ),
-    "spinquant_gptq_best": (_rotated(_gptq(**BEST)), {}, "SpinQuant R1+R2, then GPTQModifier, mse observer"),
-    "spinquant_qep_best": (
-        _rotated(_qep(weights_extra=BEST)), {}, "SpinQuant R1+R2, then QEP + GPTQ, mse observer"
-    ),
-    **{
-        f"{'spinquant_' if rotated else ''}{method}_refit{rounds}_{search}": (
-            (_rotated if rotated else lambda build: build)(
-                _qep(weights_extra=observer, refit_scales=rounds, **fields)
-            ),
-            {},
-            f"{'SpinQuant R1+R2, then ' if rotated else ''}{label}, scales refitted to the sweep's "
-            f"codes ({rounds}x), mse observer{' (clip search to 0.4x)' if search == 'wide' else ''}",
-        )
-        for rounds in (1, 2, 3)
-        for search, observer in (("best", BEST), ("wide", WIDE))
-        for rotated in (False, True)
-        for method, label, fields in (
-            ("gptq", "GPTQ (QEPModifier strength 0)", dict(propagation_strength=0.0, true_sequential=False)),
-            ("qep", "QEP + GPTQ", {}),
-        )
-    },
-    "foem": (_qep(propagation_strength=0.0, first_order_strength=0.1), {}, "FOEM alone (beta 0.1)"),
-    "qep_foem": (_qep(first_order_strength=0.1), {}, "QEP + FOEM (beta 0.1)"),
-    # ablations
-    **{
-        f"qep_a{strength}": (
-            _qep(propagation_strength={r"(^|\.)down_proj$": 0.0, "default": strength}),
-            {},
-            f"QEP, strength {strength}, down_proj uncorrected",
-        )
-        for strength in (0.0, 0.25, 0.75, 1.0)
-    },
-    **{
-        f"qep_damp{damping}": (_qep(correction_damping=damping), {}, f"QEP, correction damping {damping}")
-        for damping in (0.1, 1.0)
-    },
-    "qep_down_corrected": (_qep(propagation_strength=0.5), {}, "QEP, down_proj corrected too (0.5)"),
-    # ablations on the rotated, twice-refitted recipe (low bits)
-    **{
-        f"spinquant_qep_refit2_sweep_damp{damping}": (
-            _rotated(_qep(weights_extra=BEST, refit_scales=2, dampening_frac=damping)),
-            {},
-            f"SpinQuant R1+R2, then QEP + GPTQ, refit 2, GPTQ dampening_frac {damping}",
-        )
-        for damping in (0.05, 0.1)
-    },
-    **{
-        f"spinquant_qep_refit2_a{strength}": (
-            _rotated(
-                _qep(
-                    weights_extra=BEST,
-                    refit_scales=2,
-                    propagation_strength={r"(^|\.)down_proj$": 0.0, "default": strength},
-                )
-            ),
-            {},
-            f"SpinQuant R1+R2, then QEP + GPTQ, refit 2, strength {strength}, down_proj uncorrected",
-        )
-        for strength in (0.25, 0.75)
-    },
-    # block tuning on top of the rotated, refitted recipes, QEP and GPTQ alike
-    **{
-        f"spinquant_{method}_refit{rounds}_tuned{epochs}{'' if rate == 0.005 else f'_lr{rate}'}": (
-            _rotated(
-                _qep(
-                    weights_extra=BEST,
-                    refit_scales=rounds,
-                    block_tuning_epochs=epochs,
-                    block_tuning_learning_rate=rate,
-                    **fields,
-                )
-            ),
-            {},
-            f"SpinQuant R1+R2, then {label}, refit {rounds}, block tuning {epochs} epoch(s)"
-            + ("" if rate == 0.005 else f", learning rate {rate}")
-            + " (group scales and norms to the full-precision layer output)",
-        )
-        for rounds, epochs, rate in ((2, 1, 0.005), (2, 2, 0.005), (3, 1, 0.005), (2, 3, 0.01), (2, 1, 0.01))
-        for method, label, fields in (
-            ("qep", "QEP + GPTQ", {}),
-            ("gptq", "GPTQ (QEPModifier strength 0)", dict(propagation_strength=0.0, true_sequential=False)),
-        )
-    },
-    "qep_no_true_sequential": (_qep(true_sequential=False), {}, "QEP, within-block order off"),
-    "qep_no_cache": (
-        _qep(cache_full_precision_inputs=False),
-        {},
-        "QEP, full-precision stream replayed, not cached (same numbers, less memory)",
-    ),
-    "qep_no_resume": (
-        _qep(resume_replays=False),
-        {},
-        "QEP, replays recompute from the layer input (same numbers, less memory)",
-    ),
-    "qep_lean": (
-        _qep(cache_full_precision_inputs=False, resume_replays=False),
-        {},
-        "QEP, neither cache nor resume (same numbers, least memory)",
-    ),
-    **{
-        f"foem_b{beta}": (_qep(propagation_strength=0.0, first_order_strength=beta), {}, f"FOEM beta {beta}")
-        for beta in (0.05, 0.2)
-    },
-    "foem_all_columns": (
-        _qep(propagation_strength=0.0, first_order_strength=0.1, first_order_reach="all"),
-        {},
-        "FOEM beta 0.1, pull on all remaining columns",
-    ),
-}
+METHODS = load_methods()
 
 COLUMNS = [
     "scheme", "method", "ppl", "gap_recovered", "calib_s", "peak_rss_gib", "rss_increase_gib", "note",
@@ -463,15 +353,18 @@ def main(argv=None) -> list[dict]:
         for method in args.methods:
             if method == "fp" and any(row["method"] == "fp" for row in rows):
                 continue
-            build, extra, note = METHODS[method]
-            print(f"== {scheme} {method}: {note}", flush=True)
+            row = METHODS[method]
+            if row.scheme is not None and row.scheme != scheme:
+                print(f"== {scheme} {method}: skipped, the recipe is written for {row.scheme}", flush=True)
+                continue
+            print(f"== {scheme} {method}: {row.note}", flush=True)
             start = time.perf_counter()
             with PeakRSS() as memory:
-                if build is None:
+                recipe = row.build(SCHEMES[scheme])
+                if recipe is None:
                     model = load_causal_lm(model_path)
                 else:
-                    recipe = build(SCHEMES[scheme])
-                    model = quantize(model_path, recipe, calibration, **extra)
+                    model = quantize(model_path, recipe, calibration, **row.oneshot)
             elapsed = time.perf_counter() - start
             ppl = score(model, windows)
             rows.append(
@@ -480,15 +373,15 @@ def main(argv=None) -> list[dict]:
                     method=method,
                     ppl=ppl,
                     gap_recovered=None,
-                    calib_s=None if build is None else elapsed,
-                    peak_rss_gib=None if build is None else memory.peak / 2**30,
-                    rss_increase_gib=None if build is None else (memory.peak - memory.start) / 2**30,
-                    note=note,
+                    calib_s=None if recipe is None else elapsed,
+                    peak_rss_gib=None if recipe is None else memory.peak / 2**30,
+                    rss_increase_gib=None if recipe is None else (memory.peak - memory.start) / 2**30,
+                    note=row.note,
                     ppl_cross=None if cross is None else score(model, cross),
                 )
             )
             print(f"RESULT {json.dumps(rows[-1])}", flush=True)
-            if build is not None:
+            if recipe is not None:
                 report_chosen_strengths(recipe, scheme, method, output)
             write_table(rows, output, header)
             del model

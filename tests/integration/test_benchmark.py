@@ -1,7 +1,10 @@
-"""Smoke test of benchmarks/run.py on a tiny random model (seconds)."""
+"""Smoke test of benchmarks/run.py on a tiny random model (seconds); benchmarks/methods.yaml
+builds the modifiers the methods were defined with before they became data."""
 
 import csv
+import hashlib
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -62,3 +65,33 @@ def test_merge_joins_runs_and_recomputes_the_gap(tmp_path):
     assert qep["gap_recovered"] == (30.0 - 15.0) / (30.0 - 10.0)  # across the two runs
     markdown = (tmp_path / "merged.md").read_text()
     assert "--schemes w3g64" in markdown and "--schemes w2g64" in markdown
+
+
+def _digest(modifiers, oneshot) -> str:
+    text = json.dumps(
+        [[type(modifier).__name__, modifier.model_dump(mode="json")] for modifier in modifiers or []] + [oneshot],
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_methods_build_the_modifiers_they_were_defined_with():
+    """benchmark_methods.json: per scheme and method, a digest of the modifiers (``model_dump``)
+    and extra oneshot keywords that run.py's METHODS dict built before the methods moved to
+    benchmarks/methods.yaml (commit 2572048); every old name still builds exactly those."""
+    harness = _harness()
+    expected = json.loads((Path(__file__).with_name("benchmark_methods.json")).read_text())
+    for scheme, methods in expected.items():
+        for name, digest in methods.items():
+            method = harness.METHODS[name]
+            assert _digest(method.build(harness.SCHEMES[scheme]), method.oneshot) == digest, (scheme, name)
+
+
+def test_every_shipped_recipe_is_a_method_on_its_grid():
+    harness = _harness()
+    shipped = sorted(path.stem for path in (REPO / "qep_modifier" / "recipes").glob("*.yaml"))
+    recipes = {method.recipe: method for method in harness.METHODS.values() if method.recipe}
+    assert sorted(recipes) == shipped
+    for name, method in recipes.items():
+        assert method.scheme in harness.SCHEMES
+        assert [type(m).__name__ for m in method.build(None)][-1] in ("QEPModifier", "FOEMModifier"), name

@@ -1,0 +1,65 @@
+"""README.md and docs/: the tables of numbers match benchmarks/results/ (scripts/tables.py --check),
+and every relative link points at a file (and heading) that exists. Seconds, no model."""
+
+import importlib.util
+import re
+
+from tests.models import REPO
+
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _tables():
+    spec = importlib.util.spec_from_file_location("tables", REPO / "scripts" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _anchors(path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but - and _ dropped, spaces to -."""
+    anchors = set()
+    in_code = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_tables_are_generated_from_the_results():
+    assert _tables().main(["--check"]) == 0, "run python scripts/tables.py"
+
+
+def test_a_stale_table_is_reported(tmp_path, monkeypatch):
+    tables = _tables()
+    stale = tmp_path / "stale.md"
+    stale.write_text("<!-- table:main -->\n| hand | edited |\n<!-- /table -->\n")
+    monkeypatch.setattr(tables, "FILES", [stale])
+    monkeypatch.setattr(tables, "REPO", tmp_path)
+    assert tables.main(["--check"]) == 1
+    assert tables.main([]) == 0 and "| QEP + GPTQ (defaults) |" in stale.read_text()
+    assert tables.main(["--check"]) == 0
+
+
+def test_relative_links_and_anchors_exist():
+    broken = []
+    for document in DOCUMENTS:
+        for target in LINK.findall(document.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (document.parent / path).resolve() if path else document
+            if not resolved.exists():
+                broken.append(f"{document.name}: {target}")
+            elif anchor and (resolved.suffix != ".md" or anchor not in _anchors(resolved)):
+                broken.append(f"{document.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_every_doc_is_linked_from_the_readme():
+    readme = (REPO / "README.md").read_text()
+    assert [d.name for d in DOCUMENTS[1:] if f"docs/{d.name}" not in readme] == []
