@@ -1,16 +1,24 @@
-"""Every bad input to qep-oneshot and qep-eval ends in one line, before any model
-is loaded (issue 24, item 4); a NaN checkpoint fails qep-eval naming the first
-non-finite logits."""
+"""Every bad input to qep-oneshot, qep-eval and the distributed example ends in one
+line, before any model is loaded (issue 24, items 4 and 5); a NaN checkpoint
+fails qep-eval naming the first non-finite logits; a hung rank fails the others
+at the collective timeout, naming the step."""
 
+import datetime
+import importlib.util
+import multiprocessing
+import os
 import shutil
+import signal
 import sys
+import time
 import types
 
 import pytest
 import torch
+import torch.distributed as dist
 from transformers import LlamaForCausalLM
 
-from qep_modifier import cli, workflow
+from qep_modifier import cli, distributed, workflow
 from tests.models import REPO, save_tiny_llama, tiny_llama_config, word_level_tokenizer
 
 RECIPE = REPO / "recipes" / "w4a16_qep_gptq.yaml"
@@ -184,3 +192,79 @@ def test_lm_eval_refuses_paths_that_would_inject_options(workspace, nothing_load
     ]:
         message = refused(cli.eval_main, [*argv, "--text", str(text), "--lm-eval", "arc_easy"])
         assert f"--lm-eval: the path {path} contains ',' or '='" in message
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def _stalled_pair(rendezvous, answers):
+    """Rank 0 gathers while rank 1 stops itself (SIGSTOP) after joining."""
+    def rank(number):
+        distributed.init_process_group(2 / 60, init_method=rendezvous, rank=number, world_size=2)
+        if number == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        start = time.monotonic()
+        try:
+            distributed.gather(number)
+            answers.put(("no error", 0.0))
+        except Exception as error:  # the test reads it
+            answers.put((f"{type(error).__name__}: {error}", time.monotonic() - start))
+        finally:
+            dist.destroy_process_group()
+
+    return rank
+
+
+def test_a_hung_rank_times_out_naming_the_step(tmp_path):
+    # forked ranks (gloo, 2 s timeout) inherit this process's imports: no start-up cost
+    context = multiprocessing.get_context("fork")
+    answers = context.Queue()
+    target = _stalled_pair(f"file://{tmp_path / 'rendezvous'}", answers)
+    ranks = [context.Process(target=target, args=(number,)) for number in range(2)]
+    for process in ranks:
+        process.start()
+    try:
+        message, waited = answers.get(timeout=60)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.join()
+    assert message.startswith(
+        "CollectiveError: rank 0 of 2 timed out waiting at gathering a value from every rank"
+    ), message
+    assert "\n" not in message and waited < 10
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("distributed_oneshot", REPO / "examples" / "distributed_oneshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_refuses_fewer_samples_than_ranks(workspace, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "init_process_group", lambda *a, **k: pytest.fail("started"))
+    with pytest.raises(SystemExit) as ended:
+        _example().main(["--recipe", str(RECIPE), "--output", "never", "--num-samples", "1"])
+    assert str(ended.value) == (
+        "--num-samples 1 is below the number of ranks (2): every rank needs at least one "
+        "calibration window"
+    )
+
+
+def test_example_passes_timeout_min_to_init_process_group(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    started = {}
+
+    def init(backend, **options):
+        started.update(options, backend=backend)
+        raise KeyboardInterrupt  # stop here: no process group in this process
+
+    monkeypatch.setattr(dist, "init_process_group", init)
+    with pytest.raises(KeyboardInterrupt):
+        _example().main(["--recipe", str(RECIPE), "--output", "never", "--timeout-min", "0.5"])
+    assert started == {"backend": "gloo", "timeout": datetime.timedelta(seconds=30)}

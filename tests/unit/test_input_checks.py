@@ -1,4 +1,4 @@
-"""The pure checks behind the one-line input errors (issue 24, item 4)."""
+"""The pure checks behind the one-line input errors (issue 24, items 4 and 5)."""
 
 from types import SimpleNamespace
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qep_modifier.cli import check_lm_eval_paths
+from qep_modifier.distributed import CollectiveError, gather, waiting_at
 from qep_modifier.evaluation import (
     NonFiniteLogits,
     calibration_dataset,
@@ -89,3 +90,22 @@ def test_lm_eval_paths_with_separators_are_refused(tmp_path):
     for name in ("a,b", "a=b"):
         with pytest.raises(InputError, match="contains ',' or '='"):
             check_lm_eval_paths([tmp_path / name])
+
+
+def test_waiting_at_names_the_step_of_a_timed_out_collective():
+    with pytest.raises(CollectiveError) as raised:
+        with waiting_at("summing the statistics"):
+            raise RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 2000ms for recv operation")
+    message = str(raised.value)
+    assert message.startswith("this rank timed out waiting at summing the statistics: ")
+    assert message.endswith("Timed out waiting 2000ms for recv operation")
+    # other errors pass unchanged, and an inner step is kept
+    for error in (ValueError("bad value"), RuntimeError("shape mismatch"), CollectiveError("inner step")):
+        with pytest.raises(type(error)) as passed:
+            with waiting_at("outer step"):
+                raise error
+        assert passed.value is error
+
+
+def test_one_process_collectives_are_no_ops():
+    assert gather(5) == [5]
