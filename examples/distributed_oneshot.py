@@ -12,13 +12,16 @@ the first shard when all pass the same dataset (QEPModifier refuses that). The
 weights are bit for bit those of one process on the same samples for two ranks;
 with more ranks the summation order of the statistics differs (rounding only).
 Every rank takes part in saving (compressed-tensors compresses the model on all
-ranks together); rank 0 writes the files and prints the error report.
+ranks together); rank 0 writes the files and prints the error report. A rank that
+waits at a collective longer than --timeout-min (another rank hung or died) ends
+with one line naming the step it waited at.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -51,18 +54,21 @@ def parse_args(argv=None):
                         help="replace an existing checkpoint folder at --output whole")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                         help="dtype of the saved checkpoint (default: bfloat16)")
+    parser.add_argument("--timeout-min", type=float, default=30.0,
+                        help="minutes a rank waits at a collective for the others before it fails "
+                        "naming the step (default: 30)")
     return parser.parse_args(argv)
 
 
-def init_distributed() -> None:
-    """NCCL with one GPU per rank where there is an accelerator, else gloo
-    (compressed-tensors' init_dist needs an accelerator)."""
-    if torch.accelerator.is_available():
-        from compressed_tensors.offload import init_dist
-
-        init_dist()
-    else:
-        dist.init_process_group("gloo")
+def check_args(args, world_size: int) -> None:
+    """One line, the same on every rank, before the process group starts."""
+    if not (math.isfinite(args.timeout_min) and args.timeout_min > 0):
+        raise SystemExit(f"--timeout-min {args.timeout_min}: must be a positive number of minutes")
+    if args.num_samples < world_size:
+        raise SystemExit(
+            f"--num-samples {args.num_samples} is below the number of ranks ({world_size}): "
+            "every rank needs at least one calibration window"
+        )
 
 
 def main(argv=None) -> int:
@@ -72,10 +78,20 @@ def main(argv=None) -> int:
             "run this under torchrun, e.g. torchrun --nproc_per_node 2 "
             "examples/distributed_oneshot.py --recipe ... --output ..."
         )
-    init_distributed()
+    check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    from qep_modifier import distributed
+    from qep_modifier.distributed import CollectiveError
+    from qep_modifier.workflow import InputError
+
+    # NCCL with one GPU per rank where there is an accelerator, else gloo (compressed-tensors'
+    # init_dist needs an accelerator and takes no timeout)
+    try:
+        distributed.init_process_group(args.timeout_min)
+    except CollectiveError as error:  # a rank that never joined
+        raise SystemExit(f"distributed_oneshot: {error}") from None
     rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from qep_modifier.cli import format_report
         from qep_modifier.default_model import default_model_folder, default_model_path
@@ -84,6 +100,7 @@ def main(argv=None) -> int:
             calibration_windows,
             check_output,
             load_recipe,
+            load_tokenizer,
             one_line_errors,
             quantize,
             save_checkpoint,
@@ -93,7 +110,7 @@ def main(argv=None) -> int:
         with one_line_errors("distributed_oneshot.py"):
             check_output(args.output, args.overwrite, [args.model or default_model_folder()])
         model_path = args.model or default_model_path()
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = load_tokenizer(model_path)
         windows = calibration_windows(tokenizer, args.text, args.num_samples, args.seq_len, args.seed)
         shard = windows.shard(num_shards=world_size, index=rank, contiguous=True)
         if torch.accelerator.is_available():
@@ -110,23 +127,28 @@ def main(argv=None) -> int:
             print(f"{world_size} ranks, {len(shard)} of {args.num_samples} windows each "
                   f"({args.seq_len} tokens, seed {args.seed})", flush=True)
         start = time.perf_counter()
-        model = quantize(model, recipe, shard, processor=tokenizer)
+        # the toolkit's own collectives (in oneshot, in the save) name no step: these do
+        with distributed.waiting_at("calibrating (oneshot)"):
+            model = quantize(model, recipe, shard, processor=tokenizer)
         seconds = time.perf_counter() - start
-        dist.barrier()
+        distributed.barrier(step="the barrier after calibrating")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         # one write: torchrun runs the ranks unbuffered on one stdout, print's two writes interleave
         sys.stdout.write("RANK " + json.dumps({"rank": rank, "world_size": world_size, "calib_s": seconds,
                                                "peak_rss_gib": peak, "samples": len(shard)}) + "\n")
         sys.stdout.flush()
         # collective: compressed-tensors compresses on every rank, rank 0 writes
-        save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype], overwrite=args.overwrite)
+        with distributed.waiting_at("saving the checkpoint (every rank compresses)"):
+            save_checkpoint(model, tokenizer, args.output, DTYPES[args.dtype], overwrite=args.overwrite)
         if rank == 0:
             print(f"saved compressed ({args.dtype}) to {args.output}")
             for modifier in recipe.modifiers:
                 rows = getattr(modifier, "error_report", None)
                 if rows:
                     print(format_report(rows))
-        dist.barrier()
+        distributed.barrier(step="the last barrier (rank 0 prints the report)")
+    except (InputError, CollectiveError) as error:  # one line per rank, no traceback
+        raise SystemExit(f"distributed_oneshot (rank {rank}): {error}") from None
     finally:
         dist.destroy_process_group()
     return 0

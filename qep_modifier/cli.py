@@ -33,10 +33,12 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
 
 def resolve_dataset(value: str) -> Path | str:
-    """A text file path, ``austen``/``wiki`` (texts in ../shared/bench), or a hub name.
+    """A text file path, ``austen``/``wiki`` (texts in ../shared/bench), or the name
+    of a dataset llm-compressor loads from the Hugging Face hub (``open_platypus``).
 
-    Returns a ``Path`` for a text file, else the string unchanged (for oneshot to
-    load from the Hugging Face hub).
+    Returns a ``Path`` for a text file (its content is checked when it is read),
+    else the name unchanged (for oneshot); :class:`InputError` for a folder or a
+    name that is none of these.
     """
     from qep_modifier.workflow import InputError
 
@@ -48,9 +50,35 @@ def resolve_dataset(value: str) -> Path | str:
         if not named.is_file():
             raise InputError(f"--dataset {value} means {named}, which does not exist")
         return named
+    if path.is_dir():
+        raise InputError(f"--dataset {value} is a folder; give a UTF-8 text file")
     if path.suffix in (".txt", ".md", ".text"):
         raise InputError(f"--dataset {value}: text file does not exist")
-    return value
+    hub = hub_datasets()
+    if _registry_key(value) in hub:
+        return value
+    raise InputError(
+        f"--dataset {value}: no such file, and not a named text (austen, wiki) nor a dataset "
+        f"llm-compressor loads from the Hugging Face hub ({', '.join(sorted(hub))})"
+    )
+
+
+#: names in llm-compressor's dataset registry that a text model cannot calibrate on
+#: by name alone: they need a file (custom, json, csv) or are images or speech
+NOT_BY_NAME = {"custom", "json", "csv", "flickr", "flickr30k", "peoples-speech"}
+
+
+def _registry_key(name: str) -> str:
+    # how llm-compressor's registry looks names up (open_platypus -> open-platypus)
+    return name.lower().replace("_", "-").replace(" ", "-")
+
+
+def hub_datasets() -> set[str]:
+    """The text datasets ``oneshot`` loads by name (llm-compressor's registry)."""
+    from llmcompressor.transformers.data import TextGenerationDataset
+
+    names = set(TextGenerationDataset.registered_names()) | set(TextGenerationDataset.registered_aliases())
+    return {_registry_key(name) for name in names} - NOT_BY_NAME
 
 
 def format_report(rows) -> str:
@@ -130,9 +158,9 @@ def oneshot_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dataset",
         default="wiki",
-        help="calibration text: a text file; 'austen' or 'wiki' for "
-        "../shared/bench/austen.txt or wiki_calib.txt; anything else is passed to "
-        "oneshot as a Hugging Face dataset name, which only works when the hub is reachable",
+        help="calibration text: a UTF-8 text file; 'austen' or 'wiki' for "
+        "../shared/bench/austen.txt or wiki_calib.txt; or a dataset llm-compressor loads by "
+        "name from the Hugging Face hub (e.g. open_platypus, ultrachat_200k: needs the hub)",
     )
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
@@ -155,27 +183,30 @@ def oneshot_main(argv: list[str] | None = None) -> int:
         help="skip the per-layer error report (saves one d_in x d_in accumulator per layer)",
     )
     args = parser.parse_args(argv)
-    for name in ("num_samples", "seq_len"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from qep_modifier.workflow import one_line_errors
+    from qep_modifier.workflow import InputError, one_line_errors
 
     with one_line_errors("qep-oneshot"):
+        for name in ("num_samples", "seq_len"):
+            if getattr(args, name) <= 0:
+                raise InputError(
+                    f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer"
+                )
         return _oneshot(args)
 
 
 def _oneshot(args) -> int:
-    from transformers import AutoTokenizer
-
     from qep_modifier.default_model import default_model_folder, default_model_path
     from qep_modifier.workflow import (
         DTYPES,
         calibration_windows,
+        check_calibration_size,
         check_output,
         check_recipe_fits,
+        check_seq_len,
         load_recipe,
+        load_tokenizer,
         model_config,
         quantize,
         quiet_logs,
@@ -188,15 +219,21 @@ def _oneshot(args) -> int:
     check_output(args.output, args.overwrite, [args.model or default_model_folder()])
     recipe = load_recipe(args.recipe, report=not args.no_report)
     dataset_source = resolve_dataset(args.dataset)
-    check_recipe_fits(model_config(args.model), recipe)
+    config = model_config(args.model)
+    check_recipe_fits(config, recipe)
+    check_seq_len(config, args.seq_len, args.model)
+    check_calibration_size(config, args.num_samples, args.seq_len)
 
-    say_device("qep-oneshot")
     model_path = args.model if args.model is not None else default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if isinstance(dataset_source, Path):
+    tokenizer = load_tokenizer(model_path)
+    dataset = None
+    if isinstance(dataset_source, Path):  # the text decodes and holds the windows asked for
         dataset = calibration_windows(
             tokenizer, dataset_source, args.num_samples, args.seq_len, args.seed
         )
+
+    say_device("qep-oneshot")
+    if dataset is not None:
         print(
             f"qep-oneshot: {args.num_samples} windows of {args.seq_len} tokens from "
             f"{dataset_source} (seed {args.seed})"
@@ -244,9 +281,24 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def check_lm_eval_paths(paths) -> None:
+    """Refuse a path lm-eval would read as more than a path: its ``model_args``
+    is a string of comma-separated ``key=value`` pairs, so a folder named
+    ``x,trust_remote_code=True`` would add an option."""
+    from qep_modifier.workflow import InputError
+
+    for path in paths:
+        if path is not None and ("," in str(path) or "=" in str(path)):
+            raise InputError(
+                f"--lm-eval: the path {path} contains ',' or '=', which lm-eval's model_args "
+                "would read as more options; rename the folder or link it under a plain name"
+            )
+
+
 def _run_lm_eval(models, tasks, tokenizer) -> None:
     import lm_eval
 
+    check_lm_eval_paths([tokenizer, *(path for _, path in models)])
     for label, path in models:
         model_args = f"pretrained={path}"
         if tokenizer is not None:
@@ -315,8 +367,15 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(parser, args) -> int:
-    from qep_modifier.workflow import InputError
+    from qep_modifier.workflow import InputError, read_text_file
 
+    for option, value, least in (
+        ("--seq-len", args.seq_len, 2),  # a window of one token predicts nothing
+        ("--batch-size", args.batch_size, 1),
+        ("--max-windows", args.max_windows, 1),
+    ):
+        if value is not None and value < least:
+            raise InputError(f"{option} {value}: must be an integer >= {least}")
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()] if args.lm_eval else []
     if args.lm_eval is not None and not _has_module("lm_eval"):
         raise InputError(
@@ -335,38 +394,53 @@ def _evaluate(parser, args) -> int:
     for _, path in models:
         if path is not None and not (path / "config.json").is_file():
             raise InputError(f"{path} is not a model folder (no config.json)")
-    if not args.text.is_file():
-        raise InputError(f"--text {args.text} does not exist")
+    text = read_text_file(args.text)
+    if tasks:
+        check_lm_eval_paths([args.tokenizer, *(path for _, path in models)])
 
     import torch
-    from transformers import AutoTokenizer
 
     from qep_modifier.default_model import default_model_path
-    from qep_modifier.evaluation import tokenize_text
+    from qep_modifier.evaluation import NonFiniteLogits, tokenize_text
     from qep_modifier.workflow import (
         bar_chart,
+        check_seq_len,
         load_causal_lm,
+        load_tokenizer,
+        model_config,
         quiet_loading,
         score,
         scoring_windows,
     )
 
+    for _, path in models:
+        check_seq_len(model_config(path), args.seq_len, path)
     models = [(label, default_model_path() if path is None else path) for label, path in models]
     torch.set_grad_enabled(False)
     tokenizer_path = args.tokenizer or models[0][1]
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    ids = tokenize_text(tokenizer, args.text)
+    tokenizer = load_tokenizer(tokenizer_path)
+    ids = tokenize_text(tokenizer, text)
     windows = scoring_windows(tokenizer, ids, args.seq_len, args.max_windows)
     print(
         f"qep-eval: {args.text} -> {ids.numel()} tokens, {windows.shape[0]} windows of "
         f"{args.seq_len} (tokenizer {tokenizer_path})"
     )
 
-    rows = []
+    rows, failures = [], []
     for label, path in models:
         with quiet_loading():
             model = load_causal_lm(path)
-        value = score(model, windows, batch_size=args.batch_size)
+        name = label if label == str(path) else f"{label} ({path})"
+        try:
+            value = score(model, windows, batch_size=args.batch_size, check_finite=True)
+            if not math.isfinite(value):
+                failures.append(f"{name}: perplexity {value} (its logits are finite)")
+        except NonFiniteLogits as error:  # the other models are still scored and written
+            value = float("nan")
+            failures.append(
+                f"{name}: {error} (of {windows.shape[0]} windows of {args.seq_len} tokens): "
+                "the checkpoint has non-finite weights or overflows"
+            )
         del model
         rows.append(
             {"model": label, "path": str(path), "perplexity": value,
@@ -379,8 +453,7 @@ def _evaluate(parser, args) -> int:
     print(f"{'model':<{width}}  {'ppl':>12}  {'windows':>8}")
     print("-" * (width + 24))
     for row in rows:
-        ppl = f"{row['perplexity']:>12.4f}" if math.isfinite(row["perplexity"]) else f"{'inf':>12}"
-        print(f"{row['model']:<{width}}  {ppl}  {row['windows']:>8}")
+        print(f"{row['model']:<{width}}  {row['perplexity']:>12.4f}  {row['windows']:>8}")
 
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with args.csv.open("w", newline="") as handle:
@@ -396,6 +469,9 @@ def _evaluate(parser, args) -> int:
     else:
         print("matplotlib is not installed: chart skipped (pip install -e '.[plot]')")
 
+    if failures:
+        more = f" (and {len(failures) - 1} more model(s))" if len(failures) > 1 else ""
+        raise InputError(f"not finite: {failures[0]}{more}")
     if tasks:
         _run_lm_eval(models, tasks, args.tokenizer)
     return 0

@@ -16,6 +16,8 @@ __all__ = [
     "tokenize_text",
     "calibration_dataset",
     "evaluation_windows",
+    "first_non_finite_logits",
+    "NonFiniteLogits",
     "perplexity",
     "windows_nll",
 ]
@@ -46,6 +48,16 @@ def calibration_dataset(token_ids: torch.Tensor, num_samples: int, seq_len: int,
             f"the calibration text has {token_ids.numel()} tokens, fewer than one "
             f"window of seq_len={seq_len}"
         )
+    # windows start at random positions 0 .. n - seq_len - 1, drawn with replacement:
+    # asking for more windows than there are positions repeats windows for certain
+    tokens = token_ids.numel()
+    distinct = tokens - seq_len
+    if num_samples > distinct:
+        raise ValueError(
+            f"num_samples={num_samples} is more than the calibration text holds: its {tokens} "
+            f"tokens give {distinct} distinct windows of seq_len={seq_len} (one per start "
+            f"position; {tokens // seq_len} without overlap)"
+        )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, token_ids.numel() - seq_len, (num_samples,), generator=generator)
     rows = torch.stack([token_ids[start : start + seq_len] for start in starts.tolist()])
@@ -69,9 +81,32 @@ def evaluation_windows(
     return token_ids[: num_windows * seq_len].reshape(num_windows, seq_len)
 
 
+class NonFiniteLogits(ValueError):
+    """A model gave a NaN or infinite logit; ``window`` and ``position`` say the first."""
+
+    def __init__(self, window: int, position: int, value: float):
+        self.window, self.position, self.value = window, position, value
+        super().__init__(f"logits not finite ({value}) at window {window}, position {position}")
+
+
+def first_non_finite_logits(logits: torch.Tensor) -> tuple[int, int] | None:
+    """``(window, position)`` of the first ``[window, position, vocab]`` row of
+    ``logits`` holding a NaN or infinity (windows first, then positions), or ``None``."""
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    if not bad.any():
+        return None
+    window, position = divmod(int(bad.flatten().nonzero()[0]), bad.shape[1])
+    return window, position
+
+
 @torch.no_grad()
-def windows_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False):
-    """Total next-token negative log-likelihood and the number of predicted tokens."""
+def windows_nll(
+    model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False, check_finite: bool = False
+):
+    """Total next-token negative log-likelihood and the number of predicted tokens.
+
+    With ``check_finite``, :class:`NonFiniteLogits` names the first window and
+    position whose logits are not finite (one pass over each batch's logits)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     batches = range(0, windows.shape[0], batch_size)
@@ -82,6 +117,9 @@ def windows_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: boo
     for start in batches:
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch).logits.float()
+        if check_finite and (where := first_non_finite_logits(logits)) is not None:
+            value = logits[where][~torch.isfinite(logits[where])][0].item()
+            raise NonFiniteLogits(start + where[0], where[1], value)
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
         targets = batch[:, 1:]
         total -= log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
@@ -89,7 +127,9 @@ def windows_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: boo
     return total, count
 
 
-def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> float:
-    """exp(mean next-token NLL) over all windows."""
-    total, count = windows_nll(model, windows, batch_size, progress)
+def perplexity(
+    model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False, check_finite: bool = False
+) -> float:
+    """exp(mean next-token NLL) over all windows (``check_finite``: see :func:`windows_nll`)."""
+    total, count = windows_nll(model, windows, batch_size, progress, check_finite)
     return math.exp(total / count)

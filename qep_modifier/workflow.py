@@ -43,6 +43,10 @@ __all__ = [
     "DTYPES",
     "PACKAGED_RECIPES",
     "calibration_windows",
+    "check_calibration_size",
+    "check_seq_len",
+    "load_tokenizer",
+    "read_text_file",
     "gap_recovered",
     "load_causal_lm",
     "load_recipe",
@@ -177,9 +181,7 @@ def calibration_windows(tokenizer, text: str | Path | torch.Tensor, num_samples:
 def _token_ids(tokenizer, text: str | Path | torch.Tensor) -> torch.Tensor:
     if isinstance(text, torch.Tensor):
         return text
-    if isinstance(text, Path) and not text.is_file():
-        raise InputError(f"text file {text} does not exist")
-    ids = tokenize_text(tokenizer, text)
+    ids = tokenize_text(tokenizer, read_text_file(text) if isinstance(text, Path) else text)
     if ids.numel() == 0:
         raise InputError(f"{_name(text)} is empty: it has no tokens")
     return ids
@@ -196,6 +198,137 @@ def scoring_windows(tokenizer, text: str | Path | torch.Tensor, seq_len: int, ma
         return evaluation_windows(ids, seq_len, max_windows)
     except ValueError as error:
         raise InputError(f"{_name(text)}: {error}") from None
+
+
+def read_text_file(path: Path) -> str:
+    """The text of a UTF-8 file; :class:`InputError` for a missing file, a folder,
+    a binary file (a NUL byte), bytes that are not UTF-8 (with their offset), or
+    an empty file."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"text file {path} is a folder; give a UTF-8 text file")
+    if not path.is_file():
+        raise InputError(f"text file {path} does not exist")
+    data = path.read_bytes()
+    if not data:
+        raise InputError(f"text file {path} is empty")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise InputError(
+            f"text file {path} is binary (a NUL byte at offset {nul}), not UTF-8 text"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"text file {path} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset "
+            f"{error.start} cannot be decoded ({error.reason})"
+        ) from None
+
+
+#: files of which a model folder's tokenizer is made (any one of them, with what it names)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer saved in ``folder`` (a model folder, or a tokenizer's own);
+    :class:`InputError` naming the folder when it has none or it cannot be read."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
+            "model's tokenizer into it (tokenizer.save_pretrained)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"the tokenizer in {folder} cannot be loaded: {first}") from None
+
+
+#: config fields that hold a model's number of positions, by model family
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+#: config fields that hold a model's hidden width
+HIDDEN_FIELDS = ("hidden_size", "n_embd", "d_model")
+
+
+def _text_config(config):
+    """The language model's part of ``config`` (multimodal configs nest it)."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def _config_int(config, fields: Sequence[str]) -> tuple[str, int] | None:
+    config = _text_config(config)
+    for field in fields:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return field, value
+    return None
+
+
+def check_seq_len(config, seq_len: int, model: str | Path | None) -> None:
+    """Refuse windows longer than the positions the model has (its config's
+    ``max_position_embeddings`` or its family's name for it); nothing when the
+    config names none."""
+    positions = _config_int(config, POSITION_FIELDS)
+    if positions is not None and seq_len > positions[1]:
+        field, value = positions
+        name = model if model is not None else "the packaged SmolLM2"
+        raise InputError(
+            f"--seq-len {seq_len} is above model {name}'s {field} {value}: windows longer "
+            f"than the model's positions; use --seq-len {value} or less"
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process now (None: unknown)."""
+    import os
+
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+#: float32 copies of every calibration token's hidden state that calibration keeps
+#: at once (the layer's inputs on both streams and its outputs): a lower bound
+ACTIVATION_COPIES = 3
+
+
+def check_calibration_size(config, num_samples: int, seq_len: int, available: int | None = None) -> None:
+    """Refuse a calibration set whose activations alone cannot fit in memory:
+    ``num_samples x seq_len x hidden x 4 bytes x ACTIVATION_COPIES`` against the
+    memory ``available`` (measured when not given)."""
+    hidden = _config_int(config, HIDDEN_FIELDS)
+    available = available_memory() if available is None else available
+    if hidden is None or available is None:
+        return
+    per_window = seq_len * hidden[1] * 4 * ACTIVATION_COPIES
+    need = num_samples * per_window
+    if need > available:
+        raise InputError(
+            f"--num-samples {num_samples} x --seq-len {seq_len}: calibration keeps about "
+            f"{need / 2**30:.1f} GiB of activations ({num_samples} x {seq_len} tokens x "
+            f"{hidden[0]} {hidden[1]} x 4 bytes x {ACTIVATION_COPIES}), more than the "
+            f"{available / 2**30:.1f} GiB of memory available; at most about "
+            f"{available // per_window} windows of {seq_len} tokens fit"
+        )
 
 
 def quantize(model, recipe, dataset, output_dir: Path | None = None, **oneshot_kwargs):
@@ -230,9 +363,11 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
-def score(model, windows: torch.Tensor, batch_size: int = 1) -> float:
-    """Perplexity of ``model`` on ``windows`` (see :mod:`qep_modifier.evaluation`)."""
-    return perplexity(model.eval(), windows, batch_size=batch_size, progress=True)
+def score(model, windows: torch.Tensor, batch_size: int = 1, check_finite: bool = False) -> float:
+    """Perplexity of ``model`` on ``windows`` (see :mod:`qep_modifier.evaluation`;
+    ``check_finite``: raise :class:`~qep_modifier.evaluation.NonFiniteLogits` at
+    the first non-finite logits)."""
+    return perplexity(model.eval(), windows, batch_size=batch_size, progress=True, check_finite=check_finite)
 
 
 def gap_recovered(ppl: float, gptq_ppl: float | None, fp_ppl: float | None) -> float | None:
