@@ -18,56 +18,23 @@ and a ridge ``l`` on the Gram matrix:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
-
 import torch
 
 __all__ = [
-    "AUTO",
     "AUTO_CANDIDATES",
-    "accumulate_cross_term",
     "choose_strength",
     "corrected_weight",
     "relative_output_error",
     "relative_output_errors",
-    "resolve_propagation_strength",
     "CorrectionFailed",
 ]
 
-DEFAULT_STRENGTH_KEY = "default"
-
-#: ``propagation_strength: auto``: chosen per module from held-out batches
-AUTO = "auto"
-#: the strengths ``auto`` chooses from
+#: the strengths ``propagation_strength: auto`` chooses from (:mod:`qep_modifier.strength`)
 AUTO_CANDIDATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class CorrectionFailed(RuntimeError):
     """The damped Gram matrix stayed indefinite after every damping retry."""
-
-
-def accumulate_cross_term(
-    full_precision_input: torch.Tensor,
-    quantized_input: torch.Tensor,
-    cross_term: torch.Tensor,
-) -> torch.Tensor:
-    """Add ``2 (X - X~) X~^T`` for one batch to ``cross_term`` [in, in], in place.
-
-    Both inputs are Linear inputs ``[..., in]`` over the same tokens; the factor 2
-    matches llm-compressor's ``accumulate_hessian`` so that the ratio ``C H~^-1``
-    is independent of the normalisation.
-    """
-    if full_precision_input.shape != quantized_input.shape:
-        raise ValueError(
-            "full-precision and quantized inputs must cover the same tokens: got "
-            f"{tuple(full_precision_input.shape)} and {tuple(quantized_input.shape)}"
-        )
-    width = quantized_input.shape[-1]
-    quantized = quantized_input.reshape(-1, width).to(cross_term)
-    difference = full_precision_input.reshape(-1, width).to(cross_term) - quantized
-    cross_term.addmm_(difference.t(), quantized, alpha=2.0)
-    return cross_term
 
 
 def corrected_weight(
@@ -118,30 +85,6 @@ def corrected_weight(
     raise CorrectionFailed(
         f"H~ + l I is not positive definite even with l = {damping / 10.0:.3g}"
     )
-
-
-def resolve_propagation_strength(
-    module_name: str, strength: float | str | Mapping[str, float | str]
-) -> float | str:
-    """The propagation strength for ``module_name``: a number or ``"auto"``.
-
-    ``strength`` is a number (or ``"auto"``), or a mapping from regular
-    expression (searched in the module name, first match in mapping order wins)
-    to one, with the key ``"default"`` for names no pattern matches (0.0 when
-    absent).
-    """
-    if not isinstance(strength, Mapping):
-        return _strength_value(strength)
-    for pattern, value in strength.items():
-        if pattern == DEFAULT_STRENGTH_KEY:
-            continue
-        if re.search(pattern, module_name):
-            return _strength_value(value)
-    return _strength_value(strength.get(DEFAULT_STRENGTH_KEY, 0.0))
-
-
-def _strength_value(value) -> float | str:
-    return AUTO if value == AUTO else float(value)
 
 
 def choose_strength(

@@ -243,7 +243,6 @@ def quantize_weight_first_order(
     W0 = W.clone() if beta != 0 else None
 
     for i1, i2, W1, Q1, Err1, Hinv1 in _column_blocks(W, Hinv, blocksize):
-        width = i2 - i1
         losses1 = torch.zeros_like(W1)
 
         _first_order_block_update(
@@ -266,31 +265,8 @@ def quantize_weight_first_order(
         W[:, :, i1:i2] = Q1
         losses += torch.sum(losses1, 2) / 2
 
-        if i2 >= num_columns:
-            continue
-        if W0 is None:
-            # plain GPTQ lazy update, identical to quantize_weight
-            w_err = torch.bmm(Err1, Hinv[:, i1:i2, i2:])
-            W[:, :, i2:] -= w_err
-        elif reach == "all":
-            # D <- (1-beta)^b D - sum_k (1-beta)^(b-1-k) err_k U_k
-            decay = torch.pow(
-                torch.tensor(1.0 - beta, dtype=torch.float64),
-                torch.arange(width - 1, -1, -1, dtype=torch.float64),
-            ).to(device=device, dtype=GPTQ_PRECISION)
-            tail_decay = (1.0 - beta) ** width
-            W0_tail = W0[:, :, i2:]
-            w_err = torch.bmm(Err1 * decay, Hinv[:, i1:i2, i2:])
-            W[:, :, i2:] = W0_tail + tail_decay * (W[:, :, i2:] - W0_tail) - w_err
-        else:  # reach == "next"
-            # value of the first column after the block just before the last
-            # block column's update: that is what the pull acts on
-            before_last = W[:, :, i2] - torch.bmm(
-                Err1[:, :, : width - 1], Hinv[:, i1 : i2 - 1, i2 : i2 + 1]
-            ).squeeze(-1)
-            w_err = torch.bmm(Err1, Hinv[:, i1:i2, i2:])
-            W[:, :, i2:] -= w_err
-            W[:, :, i2] -= beta * (before_last - W0[:, :, i2])
+        if i2 < num_columns:
+            _tail_update(W, W0, Err1, Hinv, i1, i2, beta, reach)
 
     if perm is not None:
         invperm = torch.argsort(perm, dim=-1)
@@ -358,31 +334,89 @@ def _first_order_block_update(
             altered_qargs,
         ).transpose(0, 1)
 
-        diagonal = Hinv1[:, i, i]
-        if W01 is None:
-            error = (w - q) / diagonal[:, None]
-            Q1[:, :, i] = q
-            Err1[:, :, i] = error
-            losses1[:, :, i] = error.square()
-            W1[:, :, i:] -= error.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
-            continue
-
-        error = ((w - q) - beta * (w - W01[:, :, i])) / diagonal[:, None]
-        Q1[:, :, i] = q
-        Err1[:, :, i] = error
+        error = _column_step(W1, W01, Hinv1, Q1, Err1, i, q, beta, reach)
         losses1[:, :, i] = error.square()
-        if i + 1 >= block_width:
-            continue
-        # the pull uses the values before this column's error update
-        if reach == "all":
-            pull = beta * (W1[:, :, i + 1 :] - W01[:, :, i + 1 :])
-        else:
-            pull = beta * (W1[:, :, i + 1] - W01[:, :, i + 1])
-        W1[:, :, i + 1 :] -= error.unsqueeze(-1) * Hinv1[:, i, i + 1 :].unsqueeze(1)
-        if reach == "all":
-            W1[:, :, i + 1 :] -= pull
-        else:
-            W1[:, :, i + 1] -= pull
+
+
+def _column_step(
+    W1: torch.Tensor,
+    W01: torch.Tensor | None,
+    Hinv1: torch.Tensor,
+    Q1: torch.Tensor,
+    Err1: torch.Tensor,
+    i: int,
+    q: torch.Tensor,
+    beta: float,
+    reach: str,
+) -> torch.Tensor:
+    """Quantize block column ``i`` to ``q`` and compensate the block's later
+    columns, in place; returns the propagated error ``err_i`` (module docstring).
+
+    ``W01`` is the block's slice of the start-of-sweep weights (``None`` when
+    ``beta == 0``: then this is operation for operation the toolkit's eager GPTQ
+    column update). The pull uses the values before this column's error update.
+    """
+    w = W1[:, :, i]
+    diagonal = Hinv1[:, i, i]
+    if W01 is None:
+        error = (w - q) / diagonal[:, None]
+    else:
+        error = ((w - q) - beta * (w - W01[:, :, i])) / diagonal[:, None]
+    Q1[:, :, i] = q
+    Err1[:, :, i] = error
+    if W01 is None:
+        W1[:, :, i:] -= error.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
+        return error
+    if i + 1 >= W1.shape[-1]:
+        return error
+    if reach == "all":
+        pull = beta * (W1[:, :, i + 1 :] - W01[:, :, i + 1 :])
+    else:
+        pull = beta * (W1[:, :, i + 1] - W01[:, :, i + 1])
+    W1[:, :, i + 1 :] -= error.unsqueeze(-1) * Hinv1[:, i, i + 1 :].unsqueeze(1)
+    if reach == "all":
+        W1[:, :, i + 1 :] -= pull
+    else:
+        W1[:, :, i + 1] -= pull
+    return error
+
+
+def _tail_update(
+    W: torch.Tensor,
+    W0: torch.Tensor | None,
+    Err1: torch.Tensor,
+    Hinv: torch.Tensor,
+    i1: int,
+    i2: int,
+    beta: float,
+    reach: str,
+) -> None:
+    """The lazy update of the columns after block ``[i1, i2)``, in place
+    (module docstring, "Blocking")."""
+    width = i2 - i1
+    if W0 is None:
+        # plain GPTQ lazy update, identical to quantize_weight
+        w_err = torch.bmm(Err1, Hinv[:, i1:i2, i2:])
+        W[:, :, i2:] -= w_err
+    elif reach == "all":
+        # D <- (1-beta)^b D - sum_k (1-beta)^(b-1-k) err_k U_k
+        decay = torch.pow(
+            torch.tensor(1.0 - beta, dtype=torch.float64),
+            torch.arange(width - 1, -1, -1, dtype=torch.float64),
+        ).to(device=W.device, dtype=GPTQ_PRECISION)
+        tail_decay = (1.0 - beta) ** width
+        W0_tail = W0[:, :, i2:]
+        w_err = torch.bmm(Err1 * decay, Hinv[:, i1:i2, i2:])
+        W[:, :, i2:] = W0_tail + tail_decay * (W[:, :, i2:] - W0_tail) - w_err
+    else:  # reach == "next"
+        # value of the first column after the block just before the last
+        # block column's update: that is what the pull acts on
+        before_last = W[:, :, i2] - torch.bmm(
+            Err1[:, :, : width - 1], Hinv[:, i1 : i2 - 1, i2 : i2 + 1]
+        ).squeeze(-1)
+        w_err = torch.bmm(Err1, Hinv[:, i1:i2, i2:])
+        W[:, :, i2:] -= w_err
+        W[:, :, i2] -= beta * (before_last - W0[:, :, i2])
 
 
 def group_aware_order(hessian_diagonals: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -463,6 +497,7 @@ def quantize_weight_group_scales(
 
     for i1, i2, W1, Q1, Err1, Hinv1 in _column_blocks(W, Hinv, blocksize):
         width = i2 - i1
+        W01 = None if W0 is None else W0[:, :, i1:i2]
         eff = zp = None
         for i in range(width):
             column = i1 + i
@@ -487,48 +522,11 @@ def quantize_weight_group_scales(
                 w.transpose(0, 1), eff.transpose(0, 1),
                 None if zp is None else zp.transpose(0, 1), channel_args,
             ).transpose(0, 1)
-            diagonal = Hinv1[:, i, i]
-            if W0 is None:
-                error = (w - q) / diagonal[:, None]
-            else:
-                error = ((w - q) - beta * (w - W0[:, :, i1 + i])) / diagonal[:, None]
-            Q1[:, :, i] = q
-            Err1[:, :, i] = error
+            error = _column_step(W1, W01, Hinv1, Q1, Err1, i, q, beta, reach)
             losses += error.square() / 2
-            if W0 is None:
-                W1[:, :, i:] -= error.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
-                continue
-            if i + 1 >= width:
-                continue
-            if reach == "all":
-                pull = beta * (W1[:, :, i + 1 :] - W0[:, :, i1 + i + 1 : i2])
-            else:
-                pull = beta * (W1[:, :, i + 1] - W0[:, :, i1 + i + 1])
-            W1[:, :, i + 1 :] -= error.unsqueeze(-1) * Hinv1[:, i, i + 1 :].unsqueeze(1)
-            if reach == "all":
-                W1[:, :, i + 1 :] -= pull
-            else:
-                W1[:, :, i + 1] -= pull
         W[:, :, i1:i2] = Q1
-        if i2 >= num_columns:
-            continue
-        if W0 is None:
-            W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
-        elif reach == "all":
-            decay = torch.pow(
-                torch.tensor(1.0 - beta, dtype=torch.float64),
-                torch.arange(width - 1, -1, -1, dtype=torch.float64),
-            ).to(device=device, dtype=GPTQ_PRECISION)
-            W0_tail = W0[:, :, i2:]
-            W[:, :, i2:] = W0_tail + (1.0 - beta) ** width * (W[:, :, i2:] - W0_tail) - torch.bmm(
-                Err1 * decay, Hinv[:, i1:i2, i2:]
-            )
-        else:
-            before_last = W[:, :, i2] - torch.bmm(
-                Err1[:, :, : width - 1], Hinv[:, i1 : i2 - 1, i2 : i2 + 1]
-            ).squeeze(-1)
-            W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
-            W[:, :, i2] -= beta * (before_last - W0[:, :, i2])
+        if i2 < num_columns:
+            _tail_update(W, W0, Err1, Hinv, i1, i2, beta, reach)
 
     if perm is not None:
         inverse = torch.argsort(perm, dim=-1)

@@ -29,9 +29,7 @@ from dataclasses import dataclass
 import torch
 from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
 
-from qep_modifier.correction import accumulate_cross_term
-
-__all__ = ["LinearStatistics", "accumulate_batch"]
+__all__ = ["LinearStatistics", "accumulate_batch", "accumulate_cross_term"]
 
 
 @dataclass
@@ -106,6 +104,29 @@ class LinearStatistics:
             if self.full_precision_gram is None
             else self.full_precision_gram / count,
         )
+
+
+def accumulate_cross_term(
+    full_precision_input: torch.Tensor,
+    quantized_input: torch.Tensor,
+    cross_term: torch.Tensor,
+) -> torch.Tensor:
+    """Add ``2 (X - X~) X~^T`` for one batch to ``cross_term`` [in, in], in place.
+
+    Both inputs are Linear inputs ``[..., in]`` over the same tokens; the factor 2
+    matches llm-compressor's ``accumulate_hessian`` so that the ratio ``C H~^-1``
+    is independent of the normalisation.
+    """
+    if full_precision_input.shape != quantized_input.shape:
+        raise ValueError(
+            "full-precision and quantized inputs must cover the same tokens: got "
+            f"{tuple(full_precision_input.shape)} and {tuple(quantized_input.shape)}"
+        )
+    width = quantized_input.shape[-1]
+    quantized = quantized_input.reshape(-1, width).to(cross_term)
+    difference = full_precision_input.reshape(-1, width).to(cross_term) - quantized
+    cross_term.addmm_(difference.t(), quantized, alpha=2.0)
+    return cross_term
 
 
 def accumulate_batch(

@@ -144,9 +144,10 @@ def load_recipe(path: Path, report: bool = False):
 
 
 def check_recipe_fits(config, recipe) -> None:
-    """Refuse, before any weight is loaded, a QEP recipe whose group size does
-    not divide a targeted module's input width (a meta-device copy of the model
-    built from its ``config`` gets the recipe's schemes)."""
+    """Refuse, before any weight is loaded, a QEP recipe that does not fit the
+    model: a meta-device copy of it built from its ``config`` gets the recipe's
+    schemes, and the model checks run on it (:func:`qep_modifier.checks.check_modules`:
+    weight-only int, refit and tuning strategies, group sizes against input widths)."""
     from compressed_tensors.quantization import apply_quantization_config
     from compressed_tensors.utils import match_named_modules
     from transformers import AutoModelForCausalLM
@@ -161,7 +162,7 @@ def check_recipe_fits(config, recipe) -> None:
     for modifier in ours:
         apply_quantization_config(skeleton, modifier.resolved_config)
         try:
-            modifier.check_group_sizes(
+            modifier.check_modules(
                 match_named_modules(skeleton, modifier.resolved_targets, modifier.ignore)
             )
         except ValueError as error:

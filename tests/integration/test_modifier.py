@@ -8,7 +8,7 @@ import pytest
 import torch
 from llmcompressor.modifiers.gptq import GPTQModifier
 
-import qep_modifier.modifier as modifier_module
+import qep_modifier.calibrate as calibrate_module
 from qep_modifier import FOEMModifier, QEPModifier
 from tests.conftest import NUM_SAMPLES, SEQ_LEN
 from tests.models import (
@@ -59,7 +59,7 @@ def test_zero_strength_is_gptq_modifier(tiny_llama, calibration, scheme):
 def accumulated(monkeypatch):
     """Every batch the modifier accumulates: module names -> (X~ list, X list or None)."""
     seen = []
-    accumulate = modifier_module.accumulate_batch
+    accumulate = calibrate_module.accumulate_batch
 
     def recording(statistics, quantized, full_precision=None):
         seen.append(
@@ -75,7 +75,7 @@ def accumulated(monkeypatch):
         )
         accumulate(statistics, quantized, full_precision)
 
-    monkeypatch.setattr(modifier_module, "accumulate_batch", recording)
+    monkeypatch.setattr(calibrate_module, "accumulate_batch", recording)
     return seen
 
 

@@ -9,7 +9,8 @@ from llmcompressor.modeling.moe.linearize import linearize_moe
 from transformers import AutoModelForCausalLM
 
 from qep_modifier import QEPModifier
-from qep_modifier.correction import resolve_propagation_strength
+from qep_modifier.calibrate import CalibrationRun
+from qep_modifier.strength import resolve_propagation_strength
 from qep_modifier.modifier import DEFAULT_PROPAGATION_STRENGTH
 from tests.models import group_scheme, quantize, quantized_linears, save_tiny_qwen3_moe, token_dataset
 
@@ -51,20 +52,21 @@ def test_experts_are_corrected_and_quantized(tmp_path, warnings):
     assert not any("no calibration token" in message or "different tokens" in message for message in warnings)
 
 
-def test_experts_in_one_group_per_role(tmp_path):
+def test_experts_in_one_group_per_role(tmp_path, monkeypatch):
     # experts run one after another; each role must be one within-block group,
     # not one group (and one replay) per expert
     seen_groups = []
+    quantize_group = CalibrationRun.quantize_group
 
-    class Recording(QEPModifier):
-        def _quantize_group(self, modules, statistics, *args):
-            seen_groups.append([self._module_names[module] for module in modules])
-            super()._quantize_group(modules, statistics, *args)
+    def recording(run, modules, statistics, *args):
+        seen_groups.append([run.names[module] for module in modules])
+        quantize_group(run, modules, statistics, *args)
 
+    monkeypatch.setattr(CalibrationRun, "quantize_group", recording)
     model_dir = save_tiny_qwen3_moe(tmp_path / "moe")
     quantize(
         model_dir,
-        Recording(targets="Linear", ignore=["lm_head"], config_groups=group_scheme(3, 32)),
+        QEPModifier(targets="Linear", ignore=["lm_head"], config_groups=group_scheme(3, 32)),
         token_dataset(4, 16, seed=1),
     )
     layer_0 = [group for group in seen_groups if group[0].startswith("model.layers.0.")]

@@ -3,13 +3,8 @@
 import pytest
 import torch
 
-from qep_modifier.correction import (
-    CorrectionFailed,
-    accumulate_cross_term,
-    corrected_weight,
-    relative_output_error,
-    resolve_propagation_strength,
-)
+from qep_modifier.correction import CorrectionFailed, corrected_weight, relative_output_error
+from qep_modifier.statistics import accumulate_cross_term
 
 
 def _streams(rows=12, width=24, tokens=400, noise=0.2, seed=0):
@@ -32,26 +27,6 @@ def _statistics(full_precision, quantized):
         )
     hessian = 2.0 * quantized.t() @ quantized
     return hessian / 4, cross / 4
-
-
-def test_cross_term_matches_direct_formula():
-    _, full_precision, quantized = _streams()
-    _, cross = _statistics(full_precision, quantized)
-    expected = 2.0 * (full_precision - quantized).t() @ quantized / 4
-    torch.testing.assert_close(cross, expected, rtol=1e-12, atol=1e-12)
-
-
-def test_cross_term_accepts_batched_inputs_and_rejects_mismatch():
-    _, full_precision, quantized = _streams(tokens=60)
-    flat = torch.zeros(24, 24, dtype=torch.float64)
-    batched = torch.zeros(24, 24, dtype=torch.float64)
-    accumulate_cross_term(full_precision, quantized, flat)
-    accumulate_cross_term(
-        full_precision.reshape(3, 20, 24), quantized.reshape(3, 20, 24), batched
-    )
-    torch.testing.assert_close(flat, batched)
-    with pytest.raises(ValueError, match="same tokens"):
-        accumulate_cross_term(full_precision[:10], quantized[:11], flat)
 
 
 def test_full_strength_equals_least_squares_solution():
@@ -127,16 +102,6 @@ def test_bad_arguments_name_the_field():
         corrected_weight(weight, weight, torch.eye(2), 0.5, 0.0)
 
 
-def test_resolve_propagation_strength_first_match_wins():
-    mapping = {r"mlp\.down_proj$": 0.0, r"layers\.0\.": 0.9, r"proj": 0.3, "default": 0.5}
-    assert resolve_propagation_strength("model.layers.0.mlp.down_proj", mapping) == 0.0
-    assert resolve_propagation_strength("model.layers.0.self_attn.q_proj", mapping) == 0.9
-    assert resolve_propagation_strength("model.layers.1.self_attn.q_proj", mapping) == 0.3
-    assert resolve_propagation_strength("lm_head", mapping) == 0.5
-    assert resolve_propagation_strength("lm_head", {r"proj": 0.3}) == 0.0
-    assert resolve_propagation_strength("anything", 0.25) == 0.25
-
-
 def test_relative_output_error_matches_direct_computation():
     weight, full_precision, quantized = _streams(seed=7)
     hessian, cross = _statistics(full_precision, quantized)
@@ -207,15 +172,6 @@ def test_auto_picks_a_correction_where_the_shift_is_shared():
         weight, (fit_cross, fit_hessian), _normalised(x_held, x_held @ distortion), 0.01
     )
     assert best > 0.0 and errors[best] < errors[0.0]
-
-
-def test_resolve_accepts_auto_in_a_mapping():
-    from qep_modifier.correction import AUTO
-
-    mapping = {r"down_proj$": 0.0, "default": "auto"}
-    assert resolve_propagation_strength("model.layers.0.mlp.down_proj", mapping) == 0.0
-    assert resolve_propagation_strength("model.layers.0.self_attn.q_proj", mapping) == AUTO
-    assert resolve_propagation_strength("x", "auto") == AUTO
 
 
 def test_several_candidates_score_as_one_at_a_time():

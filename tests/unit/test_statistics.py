@@ -1,10 +1,11 @@
 """LinearStatistics and accumulate_batch against float64 references and
 llm-compressor's own accumulation, on random tensors: no model, no oneshot."""
 
+import pytest
 import torch
 from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
 
-from qep_modifier.statistics import LinearStatistics, accumulate_batch
+from qep_modifier.statistics import LinearStatistics, accumulate_batch, accumulate_cross_term
 
 WIDTH = 16
 
@@ -139,3 +140,32 @@ def test_minus_leaves_the_other_batches():
     for name in ("hessian", "cross_term", "full_precision_gram"):
         torch.testing.assert_close(getattr(rest, name), getattr(first, name), rtol=1e-5, atol=1e-5)
     assert rest.num_samples.item() == 1 and rest.tokens == first.tokens
+
+
+def _cross_streams(tokens=400, width=24, noise=0.2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    full_precision = torch.randn(tokens, width, generator=generator, dtype=torch.float64)
+    quantized = full_precision + noise * torch.randn(tokens, width, generator=generator, dtype=torch.float64)
+    return full_precision, quantized
+
+
+def test_cross_term_matches_direct_formula():
+    full_precision, quantized = _cross_streams()
+    cross = torch.zeros(24, 24, dtype=torch.float64)
+    for start in range(0, 400, 100):  # four "batches"
+        accumulate_cross_term(full_precision[start : start + 100], quantized[start : start + 100], cross)
+    expected = 2.0 * (full_precision - quantized).t() @ quantized
+    torch.testing.assert_close(cross, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cross_term_accepts_batched_inputs_and_rejects_mismatch():
+    full_precision, quantized = _cross_streams(tokens=60)
+    flat = torch.zeros(24, 24, dtype=torch.float64)
+    batched = torch.zeros(24, 24, dtype=torch.float64)
+    accumulate_cross_term(full_precision, quantized, flat)
+    accumulate_cross_term(
+        full_precision.reshape(3, 20, 24), quantized.reshape(3, 20, 24), batched
+    )
+    torch.testing.assert_close(flat, batched)
+    with pytest.raises(ValueError, match="same tokens"):
+        accumulate_cross_term(full_precision[:10], quantized[:11], flat)

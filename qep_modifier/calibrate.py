@@ -1,0 +1,560 @@
+"""One calibration run of QEP: :class:`CalibrationRun` holds its state from
+``on_calibration_start`` to ``on_finalize`` and calibrates each subgraph that
+llm-compressor's sequential pipeline hands over. Data flows one way:
+
+1. **record** (calibration pass): a pre-hook keeps each batch's call of each
+   decoder layer (:class:`~qep_modifier.capture.RecordedCalls`). When nothing
+   else reads that pass, the layers compute only its first batch there.
+2. **plan** (epoch end): one traced forward gives the layer's within-block
+   groups (:func:`~qep_modifier.plan.plan_layer`).
+3. **run**: a full-precision pass (original weights, on the full-precision
+   stream kept from the previous layer) keeps the corrected Linears' inputs
+   ``X`` and the next layer's full-precision input; then, group by group, a
+   replay of the quantized stream up to the group (resuming from the previous
+   replay) gives ``X~`` (:class:`~qep_modifier.capture.LayerStreams`); the
+   statistics (:mod:`qep_modifier.statistics`) are summed over the batches,
+   then over the ranks (:mod:`qep_modifier.distributed`).
+4. **correct**: ``W* = W + a W C (H~ + l I)^-1`` (:mod:`qep_modifier.correction`,
+   ``a`` from :mod:`qep_modifier.strength`).
+5. **quantize**: the observer's scales on ``W*``, then the GPTQ sweep with
+   ``H~`` (with FOEM's term when ``first_order_strength > 0``,
+   :mod:`qep_modifier.gptq_sweep`) or round to nearest; with ``refit_scales``
+   the scales are refitted to the sweep's codes
+   (:func:`~qep_modifier.gptq_sweep.refit_group_scales`), sweeping again
+   between refits (:class:`~qep_modifier.quantize.GroupQuantizer`). Each unit
+   of modules gets one owner rank, which quantizes it and publishes the result.
+6. **tune** (``block_tuning_epochs``): Adam on the layer's group scales and
+   norm weights against the full-precision layer's output
+   (:mod:`qep_modifier.block_tuning`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from compressed_tensors.offload import disable_offloading
+from compressed_tensors.utils import (
+    get_execution_device,
+    getattr_chain,
+    patch_attr,
+    update_offload_parameter,
+)
+from loguru import logger
+from tqdm import tqdm
+
+from llmcompressor.modifiers.gptq.helpers import assign_batches
+
+from qep_modifier.block_tuning import (
+    OffGrid,
+    column_groups,
+    dequantized_weight,
+    gained,
+    grid_codes,
+    scales_with_weight,
+    token_relative_error,
+    tune,
+)
+from qep_modifier.capture import (
+    LayerPass,
+    LayerStreams,
+    RecordedCalls,
+    SkippedCalibration,
+    first_tensor,
+    split_hidden,
+)
+from qep_modifier.distributed import (
+    assign_owners,
+    barrier,
+    gather,
+    publish,
+    rank,
+    reduce_statistics,
+    share_step,
+    shared,
+)
+from qep_modifier.plan import Group, LayerPlan, TraceCall, expert_role, plan_layer, plan_subgraph
+from qep_modifier.quantize import GroupQuantizer, QuantizeOutcome
+from qep_modifier.reports import ErrorReport, ProblemLog
+from qep_modifier.statistics import LinearStatistics, accumulate_batch
+from qep_modifier.strength import StrengthPolicy, choices_summary, merged_choices
+
+__all__ = ["CalibrationRun", "RunSettings", "RunSummary"]
+
+Statistics = dict[torch.nn.Module, LinearStatistics]
+
+# the fields a GroupQuantizer is built from (named as the modifier's fields)
+_QUANTIZER_FIELDS = (
+    "base", "group_scales", "first_order_strength", "first_order_reach", "refit_scales",
+    "block_size", "dampening_frac", "correction_damping",
+)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The recipe fields the run loop reads (named as the modifier's fields)."""
+
+    true_sequential: bool
+    cache_full_precision_inputs: bool
+    resume_replays: bool
+    stream_offload_device: str | None
+    report_errors: bool
+    block_tuning_epochs: int
+    block_tuning_learning_rate: float
+    batched_quantization: bool
+    block_size: int
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run leaves, the same on every rank."""
+
+    error_report: list[dict] = field(default_factory=list)
+    problems: dict[str, list[str]] = field(default_factory=dict)
+    chosen_strengths: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationRun:
+    """The state of one calibration run (see the module docstring).
+
+    :param hooks: registers the layer passes' hooks (the modifier)
+    :param layers: the decoder layers (sequential targets), in order
+    :param layer_of: each target inside a layer -> its layer
+    :param targets: the modules whose weights are quantized
+    :param names: each target's name
+    """
+
+    hooks: object
+    layers: list[torch.nn.Module]
+    layer_names: Mapping[torch.nn.Module, str]
+    layer_of: Mapping[torch.nn.Module, torch.nn.Module]
+    targets: list[torch.nn.Module]
+    names: Mapping[torch.nn.Module, str]
+    strength: StrengthPolicy
+    quantizer: GroupQuantizer
+    settings: RunSettings
+    calls: RecordedCalls
+    skipped: SkippedCalibration = field(default_factory=SkippedCalibration)
+    # statistics of the targets outside the layers (lm_head), from their pre-hook
+    outside_statistics: Statistics = field(default_factory=dict)
+    # the full-precision stream: each batch's input of the next layer
+    full_precision_stream: list[torch.Tensor] | None = None
+    # batch 1 input of the last skipped layer: see _check_propagated_input
+    skipped_input: torch.Tensor | None = None
+    quantized: set[torch.nn.Module] = field(default_factory=set)
+    problems: ProblemLog = field(default_factory=ProblemLog)
+    report: ErrorReport = field(default_factory=ErrorReport)
+
+    @classmethod
+    def start(
+        cls,
+        hooks,
+        layers: list[torch.nn.Module],
+        layer_names: Mapping[torch.nn.Module, str],
+        layer_of: Mapping[torch.nn.Module, torch.nn.Module],
+        module_names: Mapping[torch.nn.Module, str],
+        fields: Mapping,
+    ) -> "CalibrationRun":
+        """A run over the modules of ``module_names`` whose weights are quantized,
+        with the recipe's ``fields`` (the modifier's, by name)."""
+        targets = [module for module in module_names if _quantizes_weight(module)]
+        if not targets:
+            raise ValueError(
+                "QEPModifier found no modules to quantize: check `targets`, "
+                "`ignore` and the scheme in the recipe"
+            )
+        names = {module: module_names[module] for module in targets}
+        strength = StrengthPolicy.resolve(
+            fields["propagation_strength"], names.values(), fields["correction_damping"]
+        )
+        return cls(
+            hooks=hooks,
+            layers=layers,
+            layer_names=layer_names,
+            layer_of=layer_of,
+            targets=targets,
+            names=names,
+            strength=strength,
+            quantizer=GroupQuantizer(names, strength, **{f: fields[f] for f in _QUANTIZER_FIELDS}),
+            settings=RunSettings(**{f.name: fields[f.name] for f in dataclasses.fields(RunSettings)}),
+            calls=RecordedCalls(fields["stream_offload_device"]),
+        )
+
+    def __post_init__(self):
+        paired_layers = [
+            self.layers.index(self.layer_of[module])
+            for module in self.targets
+            if module in self.layer_of and self.needs_pairs(module)
+        ]
+        # after it, nothing needs the full-precision stream (unless tuning)
+        self.last_paired_layer = max(paired_layers, default=-1)
+
+    def needs_pairs(self, module: torch.nn.Module) -> bool:
+        """Whether ``module`` needs the full-precision stream beside ``X~``."""
+        return self.settings.report_errors or self.strength.corrects(self.names[module])
+
+    def accumulate_outside(self, module: torch.nn.Module, args: tuple) -> None:
+        """Calibration-pass pre-hook of a target outside the layers (``lm_head``)."""
+        if module not in self.outside_statistics:
+            self.outside_statistics[module] = LinearStatistics.empty(module, get_execution_device(module))
+        accumulate_batch({module: self.outside_statistics[module]}, {module: [args[0]]})
+
+    # -------------------------------------------------------------- subgraph
+    def calibrate_subgraph(self, modules: list[torch.nn.Module]) -> None:
+        """Calibrate and quantize the layers of one pipeline subgraph, then its
+        targets outside the layers."""
+        subgraph = plan_subgraph(modules, self.layers, self.targets, self.layer_of.get)
+        skipped = [self.skipped.remove(layer) for layer in subgraph.layers]
+        quantized_hidden = None  # layers after the first: their input, propagated here
+        for position, layer in enumerate(subgraph.layers):
+            if position == 0:
+                self._check_propagated_input(layer)
+            last = position == len(subgraph.layers) - 1
+            quantized_hidden = self.calibrate_layer(layer, quantized_hidden, propagate=not last)
+        if subgraph.layers:
+            last_layer = subgraph.layers[-1]
+            self.skipped_input = (
+                split_hidden(*self.calls.fetch(last_layer, 1))[0]
+                if skipped[-1] and self.calls.num_batches(last_layer) > 1
+                else None
+            )
+            for layer in subgraph.layers:
+                self.calls.drop(layer)
+        outside = [module for module in subgraph.outside if module not in self.quantized]
+        if outside:
+            self._quantize_outside(outside)
+
+    def _quantize_outside(self, outside: list[torch.nn.Module]) -> None:
+        statistics = {
+            module: self.outside_statistics.pop(module, None)
+            or LinearStatistics.empty(module, get_execution_device(module))
+            for module in outside
+        }
+        reduce_statistics(statistics, outside)
+        if rank() == 0:
+            for module in outside:
+                if self.strength.corrects(self.names[module]):
+                    self.problems.note("outside", self.names[module])
+        self.quantize_group(outside, statistics)
+
+    # ------------------------------------------------------------ one layer
+    def calibrate_layer(
+        self,
+        layer: torch.nn.Module,
+        quantized_hidden: list[torch.Tensor] | None,
+        propagate: bool,
+    ) -> list[torch.Tensor] | None:
+        """Plan, run, correct and quantize one layer (then tune it); its quantized
+        outputs when ``propagate`` (the next layer of the same subgraph needs them)."""
+        num_batches = self.calls.num_batches(layer)
+        if num_batches == 0:
+            raise RuntimeError(f"QEP: {self.layer_names[layer]} was not called during calibration")
+        linears = [module for module in self.targets if self.layer_of.get(module) is layer]
+        todo = [module for module in linears if module not in self.quantized]
+        calls = partial(self._recorded_calls, layer)
+        if self.strength.held_out is None and self.strength.any_auto:
+            self.strength.split(
+                split_hidden(*self.calls.fetch(layer, batch))[0] for batch in range(num_batches)
+            )
+        with torch.no_grad(), disable_offloading():
+            plan = self._plan_layer(layer, linears, todo, calls, quantized_hidden)
+            streams = self._streams(layer, linears, todo, calls, quantized_hidden, plan)
+            progress = tqdm(
+                total=len(plan.groups) * num_batches,
+                desc=f"QEP {self.layer_names[layer]}",
+                leave=False,
+            )
+            for group in plan.groups:
+                self._calibrate_group(streams, group, progress)
+            progress.close()
+            self.full_precision_stream = streams.finish()
+            if self.settings.block_tuning_epochs and todo:
+                self.tune_layer(layer, todo, streams.quantized_calls(), self.full_precision_stream)
+            return streams.propagate() if propagate else None
+
+    def _streams(self, layer, linears, todo, calls, quantized_hidden, plan) -> LayerStreams:
+        """The layer's two streams; they take over the full-precision stream."""
+        streams = LayerStreams(
+            self.hooks,
+            layer,
+            linears,
+            calls,
+            quantized_hidden=quantized_hidden,
+            full_precision_hidden=self.full_precision_stream,
+            plan=plan,
+            final=[module for module in linears if module not in todo],
+            stream_needed=self.settings.block_tuning_epochs > 0
+            or self.layers.index(layer) < self.last_paired_layer,
+            cache_full_precision=self.settings.cache_full_precision_inputs,
+            resume=self.settings.resume_replays,
+            offload_device=self.settings.stream_offload_device,
+        )
+        self.full_precision_stream = None  # the streams own it now
+        return streams
+
+    def _calibrate_group(self, streams: LayerStreams, group: Group, progress) -> None:
+        """Accumulate ``group``'s statistics over the batches and the ranks, then
+        quantize it."""
+        statistics = self._empty_statistics(group)
+        held_out = self._empty_statistics(group, held_out=True)
+        for batch, (quantized, full_precision) in enumerate(streams.inputs(group)):
+            accumulate_batch(statistics, quantized, full_precision)
+            if held_out and self.strength.held_out[batch]:
+                accumulate_batch(held_out, quantized, full_precision)
+            progress.update(1)
+        streams.quantizing(group)  # before any rank's owner writes a weight
+        reduce_statistics(statistics, group.modules)  # sums over ranks
+        reduce_statistics(held_out, group.modules)
+        self.quantize_group(list(group.modules), statistics, held_out)
+
+    def _recorded_calls(self, layer: torch.nn.Module):
+        for batch in range(self.calls.num_batches(layer)):
+            yield (batch, *self.calls.fetch(layer, batch))
+
+    def _plan_layer(self, layer, linears, todo, calls, quantized_hidden) -> LayerPlan:
+        """Trace the layer on its first batch and group ``todo`` from the trace."""
+        if not todo:
+            return LayerPlan(groups=(), call_order={})
+        batch, args, kwargs = next(calls())
+        hidden = None if quantized_hidden is None else quantized_hidden[batch]
+        with LayerPass(self.hooks, layer, linears, capture=todo) as traced:
+            traced.run(batch, args, kwargs, hidden)
+        # every rank plans from rank 0's trace, in a form that crosses processes
+        index, keys = {module: i for i, module in enumerate(linears)}, {}
+        trace = shared(
+            [(index[call.module], keys.setdefault(call.input_key, len(keys))) for call in traced.trace]
+        )
+        return plan_layer(
+            [TraceCall(linears[i], key) for i, key in trace],
+            todo,
+            role=lambda module: expert_role(self.names[module]),
+            paired=self.needs_pairs,
+            true_sequential=self.settings.true_sequential,
+        )
+
+    def _empty_statistics(self, group: Group, held_out: bool = False) -> Statistics:
+        """Zeros for ``group``: every module's statistics over all batches, or,
+        with ``held_out``, those of the held-out batches of ``auto`` modules."""
+        modules = [
+            m for m in group.modules
+            if not held_out or (group.paired and self.strength.is_auto(self.names[m]))
+        ]
+        report = self.settings.report_errors
+        return {
+            module: LinearStatistics.empty(
+                module,
+                get_execution_device(module),
+                cross_term=group.paired and (self.strength.corrects(self.names[module]) or report),
+                full_precision_gram=group.paired and (report or held_out),
+            )
+            for module in modules
+        }
+
+    def _check_propagated_input(self, layer: torch.nn.Module) -> None:
+        """Refuse ``propagate_error=False``: the pipeline then feeds each layer the
+        calibration pass's output, computed before quantization.
+
+        Seen two ways: the quantized stream equals the full-precision one bit for
+        bit although modules before were quantized (the first batch, which every
+        layer computes for real), or a batch of a layer that computed only its
+        first batch comes back unchanged as the next layer's input.
+        """
+        if self.calls.num_batches(layer) == 0:
+            return
+        hidden, _, _ = split_hidden(*self.calls.fetch(layer, 0))
+        stream = self.full_precision_stream
+        same_as_full_precision = (
+            self.quantized
+            and stream
+            and stream[0].shape == hidden.shape
+            and torch.equal(stream[0].to(hidden.device), hidden)
+        )
+        same_as_skipped = False
+        if self.skipped_input is not None and self.calls.num_batches(layer) > 1:
+            second, _, _ = split_hidden(*self.calls.fetch(layer, 1))
+            same_as_skipped = second.shape == self.skipped_input.shape and torch.equal(
+                second, self.skipped_input.to(second.device)
+            )
+        if same_as_full_precision or same_as_skipped:
+            raise RuntimeError(
+                "QEP needs oneshot's propagate_error=True (its default): with "
+                "propagate_error=False each layer is fed the previous layer's output "
+                "before quantization, so there is no quantized stream to correct for"
+            )
+
+    # ----------------------------------------------------------- quantizing
+    def quantize_group(
+        self,
+        modules: Sequence[torch.nn.Module],
+        statistics: Mapping[torch.nn.Module, LinearStatistics],
+        held_out: Mapping[torch.nn.Module, LinearStatistics] | None = None,
+    ) -> None:
+        """Correct, observe and quantize ``modules``; round to nearest those that
+        saw no token. Under torch.distributed each unit (a GPTQ batch of
+        same-shape modules as one process forms it, or a module without tokens)
+        is done by one owner rank, then published to all."""
+        modules = [m for m in modules if m not in self.quantized]
+        fed = [m for m in modules if m in statistics and statistics[m].tokens > 0]
+        self.report.order += [
+            self.names[m] for m in fed if statistics[m].full_precision_gram is not None
+        ]
+        units = self._sweep_batches(fed) + [[m] for m in modules if m not in fed]
+        owners = assign_owners(units)
+        mine = [unit for unit, owner in zip(units, owners) if owner == rank()]
+        self._take(
+            self.quantizer.round_uncalibrated([m for unit in mine for m in unit if m not in fed])
+        )
+        self._take(
+            self.quantizer.quantize([unit for unit in mine if unit[0] in fed], statistics, held_out or {})
+        )
+        publish(modules, {m: owner for unit, owner in zip(units, owners) for m in unit})
+        self.quantized.update(modules)
+
+    def _take(self, outcome: QuantizeOutcome) -> None:
+        self.problems.extend(outcome.problems)
+        self.report.rows.update(outcome.rows)
+
+    def _sweep_batches(self, modules: list[torch.nn.Module]) -> list[list[torch.nn.Module]]:
+        """GPTQ's batches of same-shape modules, formed once (rank 0's, which may
+        depend on its free accelerator memory) so every rank sweeps the same."""
+        batches = assign_batches(modules, self.settings.batched_quantization, self.settings.block_size)
+        index = {module: i for i, module in enumerate(modules)}
+        shape = shared([[index[module] for module in batch] for batch in batches])
+        return [[modules[i] for i in batch] for batch in shape]
+
+    # ---------------------------------------------------------- block tuning
+    def tune_layer(self, layer, linears, calls, targets) -> None:
+        """Block tuning (``block_tuning_epochs``): Adam steps on ``linears``'
+        group scales and the layer's RMSNorm weights, so the layer's output on
+        each batch's quantized-stream call (``calls()``) matches ``targets``
+        (the full-precision layer's outputs); then the tuned scales, weights and
+        norm weights are written back (:mod:`qep_modifier.block_tuning`)."""
+        block = _TunedBlock(layer, {module: self.names[module] for module in linears})
+        # one step per calibration batch, rank 0's batches first, then rank 1's, ...:
+        # the order of one process given the ranks' shards one after the other
+        counts = gather(self.calls.num_batches(layer))
+        step_owners = [owner for owner, count in enumerate(counts) for _ in range(count)]
+        epochs = self.settings.block_tuning_epochs
+        progress = tqdm(
+            total=epochs * len(step_owners),
+            desc=f"QEP tuning {self.layer_names[layer]}",
+            leave=False,
+        )
+
+        def batch_losses():
+            mine = iter(calls())
+            for owner in step_owners:
+                progress.update(1)
+                if owner != rank():
+                    yield None  # another rank's batch: its gradients come from share_step
+                    continue
+                batch, args, kwargs, hidden = next(mine)
+                output = block.output(self.hooks, batch, args, kwargs, hidden)
+                yield token_relative_error(output, targets[batch].to(output.device))
+
+        owners = itertools.cycle(step_owners)
+        history = tune(
+            block.parameters(),
+            batch_losses,
+            epochs,
+            self.settings.block_tuning_learning_rate,
+            share=lambda parameters, loss: share_step(parameters, loss, next(owners)),
+        )
+        progress.close()
+        block.write_back()
+        barrier()  # every rank wrote the same values; none propagates before all have
+        if history and rank() == 0:  # the same on every rank
+            logger.info(
+                f"QEP: tuned {self.layer_names[layer]}: mean relative output error per token, per epoch "
+                + " -> ".join(f"{loss:.4g}" for loss in history)
+            )
+
+    # ----------------------------------------------------------------- end
+    def summarise(self) -> RunSummary:
+        """Every rank's report rows, problems and ``auto`` choices merged (the same
+        on every rank); rank 0 logs one summary."""
+        problems = ProblemLog.merged(ProblemLog(part) for part in gather(self.problems.by_reason))
+        chosen = merged_choices(gather(self.strength.chosen))
+        summary = RunSummary(
+            error_report=self.report.merged(gather(self.report.rows)),
+            problems=problems.as_dict(),
+            chosen_strengths=chosen,
+        )
+        if rank() == 0:
+            problems.warn()
+            if (line := choices_summary(chosen)) is not None:
+                logger.info(line)
+        return summary
+
+
+class _TunedBlock:
+    """A layer's tunable parameters for block tuning: a gain on each quantized
+    Linear's scales (codes and zero points held) and on each RMSNorm's output."""
+
+    def __init__(self, layer: torch.nn.Module, names: Mapping[torch.nn.Module, str]):
+        self.layer = layer
+        self.grids = {}
+        for module, name in names.items():
+            # copies (read before any rank writes: under torch.distributed the ranks
+            # may share one CPU copy, and each rank writes the same tuned values into it)
+            scale = module.weight_scale.detach().to(torch.float32, copy=True)
+            zero_point = module.weight_zero_point.detach()
+            groups = column_groups(module.in_features, scale, getattr(module, "weight_g_idx", None))
+            try:
+                codes = grid_codes(module.weight.detach(), scale, zero_point, groups)
+            except OffGrid as off:
+                raise RuntimeError(f"QEP block tuning: {name}: {off}") from off
+            gain = torch.zeros_like(scale, requires_grad=True)
+            self.grids[module] = (codes, scale, zero_point, groups, gain)
+        self.norms = {
+            module: torch.ones_like(module.weight, dtype=torch.float32, requires_grad=True)
+            for module in layer.modules()
+            if type(module).__name__.endswith("RMSNorm") and scales_with_weight(module)
+        }
+        self.norm_weights = {norm: norm.weight.detach().to(torch.float32).clone() for norm in self.norms}
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [gain for *_, gain in self.grids.values()] + list(self.norms.values())
+
+    def scales(self) -> dict[torch.nn.Module, torch.Tensor]:
+        return {module: scale * gain.exp() for module, (_, scale, _, _, gain) in self.grids.items()}
+
+    def weights(self, scales) -> dict[torch.nn.Module, torch.Tensor]:
+        return {
+            module: dequantized_weight(codes, scales[module], zero_point, groups)
+            for module, (codes, _, zero_point, groups, _) in self.grids.items()
+        }
+
+    def output(self, hooks, batch, args, kwargs, hidden) -> torch.Tensor:
+        """The layer's output on one recorded call, with the tuned parameters."""
+        with contextlib.ExitStack() as stack:
+            for norm, norm_gain in self.norms.items():
+                stack.enter_context(patch_attr(norm, "forward", partial(gained, norm.forward, norm_gain)))
+            plain = stack.enter_context(
+                LayerPass(hooks, self.layer, (), weights=self.weights(self.scales()))
+            )
+            return first_tensor(plain.run(batch, args, kwargs, hidden)[1])
+
+    def write_back(self) -> None:
+        """The tuned scales, weights and norm weights into the modules."""
+        with torch.no_grad():
+            scales = self.scales()
+            for module, weight in self.weights(scales).items():
+                update_offload_parameter(module, "weight", weight.to(module.weight.dtype))
+                update_offload_parameter(module, "weight_scale", scales[module].to(module.weight_scale.dtype))
+            for norm, norm_gain in self.norms.items():
+                weight = self.norm_weights[norm] * norm_gain
+                update_offload_parameter(norm, "weight", weight.to(norm.weight.dtype))
+
+
+def _quantizes_weight(module: torch.nn.Module) -> bool:
+    """A target whose weight QEP quantizes (embeddings are left out)."""
+    return getattr_chain(
+        module, "quantization_scheme.weights", None
+    ) is not None and not isinstance(module, torch.nn.Embedding)

@@ -1,0 +1,158 @@
+"""What a QEP recipe needs of the model, as checks on ``(name, module)`` pairs
+whose quantization scheme is attached: the real model at ``on_initialize``, or a
+meta-device copy before any weight is loaded
+(:func:`qep_modifier.workflow.check_recipe_fits`). Each raises ``ValueError``
+with one line naming a module and what would fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from compressed_tensors.quantization import QuantizationType
+from compressed_tensors.utils import getattr_chain
+from loguru import logger
+
+from qep_modifier.distributed import gather, rank
+
+__all__ = [
+    "check_block_tuning_fit",
+    "check_calibration_size",
+    "check_group_sizes",
+    "check_modules",
+    "check_refit_scales_fit",
+    "check_weight_only_int",
+]
+
+NamedModules = Iterable[tuple[str, torch.nn.Module]]
+
+
+def check_modules(
+    named_modules: NamedModules,
+    *,
+    owner: str = "QEPModifier",
+    base: str = "gptq",
+    group_scales: str = "observer",
+    refit_scales: int = 0,
+    block_tuning_epochs: int = 0,
+) -> None:
+    """Every model check of a recipe with these fields (``owner``: the
+    modifier's name, for the messages)."""
+    named_modules = list(named_modules)
+    check_weight_only_int(named_modules)
+    check_refit_scales_fit(named_modules, refit_scales, base, group_scales)
+    check_block_tuning_fit(named_modules, block_tuning_epochs)
+    check_group_sizes(named_modules, owner)
+
+
+def check_weight_only_int(named_modules: NamedModules) -> None:
+    for name, module in named_modules:
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        if scheme.input_activations is not None or scheme.output_activations is not None:
+            raise ValueError(
+                f"QEPModifier is weight-only: {name} has activation quantization "
+                "in its scheme; use a weight-only scheme (W4A16, W3A16, W2A16, "
+                "W4A16_ASYM or config_groups with only `weights`)"
+            )
+        weights = scheme.weights
+        if weights is not None and weights.type != QuantizationType.INT:
+            raise ValueError(
+                f"QEPModifier quantizes to integers only: {name} has weight type "
+                f"{weights.type!r}; allowed: 'int'"
+            )
+
+
+def check_refit_scales_fit(
+    named_modules: NamedModules, refit_scales: int, base: str, group_scales: str
+) -> None:
+    if not refit_scales:
+        return
+    if base != "gptq":
+        raise ValueError(
+            "refit_scales refits the scales to the GPTQ sweep's codes: it needs "
+            f"base: gptq, got base: {base}"
+        )
+    if group_scales != "observer":
+        raise ValueError(
+            "refit_scales refits the observer's scales after the sweep: it needs "
+            f"group_scales: observer, got group_scales: {group_scales}"
+        )
+    _check_group_or_channel(named_modules, "refit_scales needs the group or channel strategy")
+
+
+def check_block_tuning_fit(named_modules: NamedModules, block_tuning_epochs: int) -> None:
+    if block_tuning_epochs:
+        _check_group_or_channel(named_modules, "block_tuning_epochs tunes group or channel scales")
+
+
+def _check_group_or_channel(named_modules: NamedModules, field_needs: str) -> None:
+    """Raise ``field_needs: <module> has strategy <s>`` for the first module
+    whose weight scales are neither per group nor per channel."""
+    for name, module in named_modules:
+        weights = getattr_chain(module, "quantization_scheme.weights", None)
+        if weights is not None and weights.strategy not in ("group", "channel"):
+            raise ValueError(f"{field_needs}: {name} has strategy {weights.strategy!r}")
+
+
+def check_group_sizes(named_modules: NamedModules, owner: str = "QEPModifier") -> None:
+    """Raise one line naming the group sizes and input widths that do not fit
+    (and what would). The toolkit's own divisibility check lists every module;
+    this one also catches modules narrower than a group, which it lets through."""
+    misfits: dict[tuple[int, int], list[str]] = {}
+    widths = set()
+    for name, module in named_modules:
+        weights = getattr_chain(module, "quantization_scheme.weights", None)
+        group_size = getattr(weights, "group_size", None)
+        if weights is None or weights.strategy != "group" or not group_size:
+            continue
+        width = module.weight.shape[1]
+        widths.add(width)
+        if width % group_size:
+            misfits.setdefault((group_size, width), []).append(name)
+    if not misfits:
+        return
+    described = "; ".join(
+        f"group_size {group_size} does not divide the input width {width} of "
+        f"{len(names)} module(s), e.g. {names[0]}"
+        for (group_size, width), names in misfits.items()
+    )
+    fitting = [size for size in (32, 64, 128, 256) if all(w % size == 0 for w in widths)]
+    raise ValueError(
+        f"{owner}: {described}; group sizes that fit every targeted "
+        f"module: {', '.join(map(str, fitting)) or 'none of 32/64/128/256'}; or use "
+        "strategy: channel, or add the modules to `ignore`"
+    )
+
+
+def calibration_tokens(calibration) -> int:
+    """Tokens in a calibration set of ``input_ids`` / ``attention_mask`` batches."""
+    tokens = 0
+    for batch in calibration:
+        mask = batch.get("attention_mask")
+        ids = batch.get("input_ids")
+        if mask is not None:
+            tokens += int(torch.as_tensor(mask).sum())
+        elif ids is not None:
+            tokens += torch.as_tensor(ids).numel()
+    return tokens
+
+
+def check_calibration_size(calibration, widest_input: int) -> None:
+    """Refuse an empty calibration set (on any rank); warn when all ranks hold
+    fewer tokens than the widest target input (``H~`` is then rank-deficient)."""
+    if calibration is None:
+        return
+    per_rank = gather(calibration_tokens(calibration))  # every rank decides on the same numbers
+    if 0 in per_rank:
+        where = "" if len(per_rank) == 1 else f" on rank {per_rank.index(0)}"
+        raise ValueError(f"QEPModifier needs calibration data: the calibration set is empty{where}")
+    tokens = sum(per_rank)
+    if tokens < widest_input and rank() == 0:
+        logger.warning(
+            f"QEP: the calibration set has {tokens} tokens, fewer than the widest "
+            f"target input ({widest_input}): H~ is rank-deficient and the damping "
+            "(dampening_frac, correction_damping) dominates; use more samples"
+        )
