@@ -28,10 +28,12 @@ modifier calibrating in the same pass sees each batch once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import enum
 import hashlib
 import itertools
+import math
 import re
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -52,6 +54,7 @@ from pydantic import PrivateAttr, field_validator, model_serializer, model_valid
 from tqdm import tqdm
 
 from llmcompressor.core import Event, State, active_session
+from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 from llmcompressor.modifiers.gptq.helpers import (
@@ -71,6 +74,9 @@ from qep_modifier.block_tuning import (
     dequantized_weight,
     gained,
     grid_codes,
+    checked_batches,
+    keeps_tuning,
+    mean_loss,
     scales_with_weight,
     token_relative_error,
     tune,
@@ -110,8 +116,13 @@ from qep_modifier.gptq_sweep import (
 )
 from qep_modifier.plan import Group, LayerPlan, TraceCall, expert_role, plan_layer, plan_subgraph
 from qep_modifier.statistics import LinearStatistics, accumulate_batch
+from qep_modifier.workflow import InputError
 
-__all__ = ["QEPModifier", "FOEMModifier", "DEFAULT_PROPAGATION_STRENGTH"]
+__all__ = ["QEPModifier", "FOEMModifier", "NonFiniteWeights", "DEFAULT_PROPAGATION_STRENGTH"]
+
+
+class NonFiniteWeights(InputError):
+    """A targeted module of the input model holds ``nan`` or ``inf``."""
 
 # The reference implementation corrects every Linear with strength 0.5 except
 # the MLP down projection: its input is the widest in the block (the
@@ -138,18 +149,30 @@ _PROBLEMS = {
     "(raise dampening_frac or use more calibration samples)",
     "auto_fallback": "propagation_strength auto needs calibration batches on both sides of "
     "its split (at least two batches); they were corrected with 0.5",
+    "tuning_fallback": "block tuning did not lower their output error (or left it not "
+    "finite), so they kept their untuned scales and norm weights (see "
+    "block_tuning_learning_rate)",
 }
 
 
-# the fields a recipe sets (error messages list them)
-_RECIPE_FIELDS = (
-    "targets", "ignore", "scheme", "config_groups", "weight_observer", "actorder",
-    "block_size", "dampening_frac", "propagation_strength", "correction_damping",
-    "base", "true_sequential", "first_order_strength", "first_order_reach", "group_scales",
-    "refit_scales", "block_tuning_epochs", "block_tuning_learning_rate",
-    "stream_offload_device", "cache_full_precision_inputs", "resume_replays",
-    "report_errors",
-)
+# the lifecycle's own fields (index, group, start, end, update, the *_ state
+# flags, requires_calibration_data): the toolkit sets them, recipes do not, so
+# the list of fields in error messages leaves them out
+_LIFECYCLE_FIELDS = frozenset(Modifier.model_fields)
+
+# block tuning: how many calibration batches (at most) measure whether it helped
+_TUNING_CHECK_BATCHES = 8
+
+# what each float field allows besides being finite (said when it is not)
+_FLOAT_RANGES = {
+    "correction_damping": "> 0",
+    "block_tuning_learning_rate": "> 0",
+    "first_order_strength": ">= 0",
+    "dampening_frac": ">= 0",
+}
+
+# the integer widths QEP quantizes weights to (what vLLM's WNA16 kernels serve)
+_WEIGHT_BITS = range(2, 9)
 
 
 class QEPModifier(GPTQModifier):
@@ -229,7 +252,10 @@ class QEPModifier(GPTQModifier):
         per batch. Under torch.distributed the steps run in one order on every
         rank (rank 0's batches, then rank 1's, ...), each batch's gradients sent
         from the rank that holds it, so the result is one process's on the ranks'
-        shards in rank order; group or channel strategy
+        shards in rank order; group or channel strategy. A layer whose loss,
+        measured on up to 8 batches before the first step and after the last,
+        did not go down (or is not finite) keeps its untuned scales and norm
+        weights (the summary at the end names it)
     :param block_tuning_learning_rate: Adam's learning rate for block tuning, > 0
         (scales are tuned as ``scale * exp(gain)``, norm weights through a gain
         on the norm's output)
@@ -288,6 +314,7 @@ class QEPModifier(GPTQModifier):
     _skipped_input: torch.Tensor | None = PrivateAttr(default=None)
     _quantized: set[torch.nn.Module] = PrivateAttr(default_factory=set)
     _problems: dict[str, list[str]] = PrivateAttr(default_factory=dict)
+    _tuned_layers: int = PrivateAttr(default=0)  # block tuning: layers tuned
     # report rows by module name (on the rank that quantized it), and the order
     # every rank quantized them in
     _report_rows: dict[str, dict] = PrivateAttr(default_factory=dict)
@@ -327,13 +354,30 @@ class QEPModifier(GPTQModifier):
         known = set(cls.model_fields)
         for key in values:
             if key not in known:
-                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                fields = cls.recipe_fields()
+                close = difflib.get_close_matches(str(key), fields, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(
                     f"{cls.__name__} has no field {key!r}{hint}; its fields: "
-                    + ", ".join(_RECIPE_FIELDS)
+                    + ", ".join(fields)
                 )
         return values
+
+    @classmethod
+    def recipe_fields(cls) -> list[str]:
+        """The fields a recipe sets: every declared field (GPTQModifier's and the
+        quantization mixin's included) but the lifecycle's own."""
+        return [name for name in cls.model_fields if name not in _LIFECYCLE_FIELDS]
+
+    @field_validator("*")
+    @classmethod
+    def _check_finite(cls, value, info):
+        """No float field takes ``inf`` or ``nan`` (YAML's ``.inf``, ``.nan``)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            allowed = _FLOAT_RANGES.get(info.field_name)
+            allowed = f" {allowed}" if allowed else ""
+            raise ValueError(f"{info.field_name} must be a finite number{allowed}, got {value}")
+        return value
 
     @field_validator("propagation_strength", mode="before")
     @classmethod
@@ -387,16 +431,132 @@ class QEPModifier(GPTQModifier):
             )
         return value
 
+    @field_validator("block_size", mode="before")
+    @classmethod
+    def _check_block_size(cls, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"block_size must be a whole number >= 1 (columns the GPTQ sweep updates "
+                f"at once; default 128), got {value!r}"
+            )
+        return value
+
+    @field_validator("dampening_frac")
+    @classmethod
+    def _check_dampening_frac(cls, value):
+        # None is the toolkit's type, but the sweep multiplies by it
+        if value is None or not value >= 0:
+            raise ValueError(
+                "dampening_frac must be a finite number >= 0 (a fraction of mean(diag H) "
+                f"added to the Hessian's diagonal; default 0.01), got {value}"
+            )
+        return value
+
+    @field_validator("stream_offload_device")
+    @classmethod
+    def _check_device(cls, value):
+        if value is not None:
+            try:
+                torch.device(value)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(
+                    f"stream_offload_device {value!r} is not a device ({error}); "
+                    "e.g. cpu, cuda, cuda:0"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_fields_together(self):
+        """The rules between fields that need no model, when the recipe is parsed:
+        one of ``scheme`` / ``config_groups``; every scheme weight-only int at 2
+        to 8 bits with a known observer; what ``refit_scales`` and
+        ``block_tuning_epochs`` need."""
+        if self.scheme is not None and self.config_groups is not None:
+            raise ValueError(
+                "scheme and config_groups are both set; give one: scheme (a preset such "
+                "as W4A16) or config_groups (the scheme written out)"
+            )
+        if self.refit_scales and self.base != "gptq":
+            raise ValueError(
+                "refit_scales refits the scales to the GPTQ sweep's codes: it needs "
+                f"base: gptq, got base: {self.base}"
+            )
+        if self.refit_scales and self.group_scales != "observer":
+            raise ValueError(
+                "refit_scales refits the observer's scales after the sweep: it needs "
+                f"group_scales: observer, got group_scales: {self.group_scales}"
+            )
+        # on copies: resolving writes actorder and observers into config_groups
+        # (a shallow twin otherwise: private state may hold the model's modules)
+        twin = self.model_copy(
+            update={
+                "config_groups": copy.deepcopy(self.config_groups),
+                "scheme": copy.deepcopy(self.scheme),
+            }
+        )
+        config = twin.resolve_quantization_config()
+        for group, scheme in config.config_groups.items():
+            where = f"scheme {self.scheme!r}" if self.scheme is not None else f"config_groups.{group}"
+            self._check_scheme(where, scheme)
+        return self
+
+    def _check_scheme(self, where: str, scheme) -> None:
+        """Raise one line when ``scheme`` is not what QEP quantizes with."""
+        if scheme.input_activations is not None or scheme.output_activations is not None:
+            raise ValueError(
+                f"{type(self).__name__} is weight-only: {where} quantizes activations too; use a "
+                "weight-only scheme (W4A16, W3A16, W2A16, W4A16_ASYM or "
+                "config_groups with only `weights`)"
+            )
+        weights = scheme.weights
+        if weights is None:
+            raise ValueError(f"{type(self).__name__} quantizes weights: {where} has no `weights`")
+        if weights.type != QuantizationType.INT:
+            raise ValueError(
+                f"{type(self).__name__} quantizes to integers only: {where} has weight type "
+                f"{_plain(weights.type)!r}; allowed: 'int'"
+            )
+        if weights.num_bits not in _WEIGHT_BITS:
+            raise ValueError(
+                f"{where}: weights num_bits = {weights.num_bits} is outside 2-8 "
+                f"({type(self).__name__} quantizes weights to 2- to 8-bit integers)"
+            )
+        self._check_observer(where, weights.observer)
+        for field, needs in (
+            ("refit_scales", "refit_scales needs the group or channel strategy"),
+            ("block_tuning_epochs", "block_tuning_epochs tunes group or channel scales"),
+        ):
+            if getattr(self, field) and weights.strategy not in ("group", "channel"):
+                raise ValueError(f"{needs}: {where} has strategy {_plain(weights.strategy)!r}")
+
+    def _check_observer(self, where: str, name: str | None) -> None:
+        from llmcompressor.observers import Observer
+
+        if name is None:
+            return
+        try:
+            Observer.get_value_from_registry(name)
+        except KeyError:
+            known = [known.replace("-", "_") for known in Observer.registered_names()]
+            close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            field = "weight_observer" if self.weight_observer == name else f"{where} weights observer"
+            raise ValueError(
+                f"{field}: no observer named {name!r}{hint}; observers: {', '.join(known)}"
+            ) from None
+
     # ------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs) -> bool:
+        self._check_fields_together()  # again: fields may change after parsing
         # the toolkit's own divisibility check lists every module; QEP's says
         # which widths do not fit and which group sizes would (it also catches
         # modules narrower than a group, which the toolkit lets through)
         with patch_attr(self, "bypass_divisibility_checks", True):
             super().on_initialize(state, **kwargs)
-        self._check_weight_only_int()
-        self._check_refit_scales_fit()
-        self._check_block_tuning_fit()
+        self.check_targets_match(
+            state.model, [(name, module) for module, name in self._module_names.items()]
+        )
+        self._check_finite_weights()
         self.check_group_sizes(
             (name, module) for module, name in self._module_names.items()
         )
@@ -437,6 +597,7 @@ class QEPModifier(GPTQModifier):
                 "`ignore` and the scheme in the recipe"
             )
         self._error_report, self._problems, self._quantized = [], {}, set()
+        self._tuned_layers = 0
         self._report_rows, self._report_order = {}, []
         self._held_out, self._chosen = None, {}
         self._full_precision_stream, self._skipped_input = None, None
@@ -518,6 +679,7 @@ class QEPModifier(GPTQModifier):
         self._chosen = {name: a for part in gather(self._chosen) for name, a in part.items()}
         if rank() == 0:
             self._warn_problems()
+            self._warn_tuning_never_kept()
             self._log_chosen_strengths()
         self._calls, self._full_precision_stream, self._skipped_input = None, None, None
         self._outside_statistics, self._quantized = {}, set()
@@ -586,7 +748,9 @@ class QEPModifier(GPTQModifier):
         group scales and the layer's RMSNorm weights, so the layer's output on
         each batch's quantized-stream call (``calls()``) matches ``targets``
         (the full-precision layer's outputs); then the tuned scales, weights and
-        norm weights are written back (:mod:`qep_modifier.block_tuning`)."""
+        norm weights are written back (:mod:`qep_modifier.block_tuning`), unless
+        tuning did not lower the layer's loss (:func:`keeps_tuning`): then the
+        layer keeps what it had, and the summary says so."""
         grids = {}
         for module in linears:
             # copies (read before any rank writes: under torch.distributed the ranks
@@ -620,11 +784,30 @@ class QEPModifier(GPTQModifier):
         # the order of one process given the ranks' shards one after the other
         counts = gather(self._calls.num_batches(layer))
         step_owners = [owner for owner, count in enumerate(counts) for _ in range(count)]
+        # this rank's batches among those that measure whether tuning helped
+        first_step = sum(counts[: rank()])
+        checked = [
+            step - first_step
+            for step in checked_batches(len(step_owners), _TUNING_CHECK_BATCHES)
+            if step_owners[step] == rank()
+        ]
         progress = tqdm(
-            total=self.block_tuning_epochs * len(step_owners),
+            total=self.block_tuning_epochs * len(step_owners) + 2 * len(checked),
             desc=f"QEP tuning {self._layer_names[layer]}",
             leave=False,
         )
+
+        def layer_loss(batch, args, kwargs, hidden):
+            with contextlib.ExitStack() as stack:
+                for norm, norm_gain in norms.items():
+                    stack.enter_context(
+                        patch_attr(norm, "forward", partial(gained, norm.forward, norm_gain))
+                    )
+                plain = stack.enter_context(
+                    LayerPass(self, layer, (), weights=tuned_weights(tuned_scales()))
+                )
+                output = first_tensor(plain.run(batch, args, kwargs, hidden)[1])
+            return token_relative_error(output, targets[batch].to(output.device))
 
         def batch_losses():
             mine = iter(calls())
@@ -633,41 +816,62 @@ class QEPModifier(GPTQModifier):
                 if owner != rank():
                     yield None  # another rank's batch: its gradients come from share_step
                     continue
-                batch, args, kwargs, hidden = next(mine)
-                with contextlib.ExitStack() as stack:
-                    for norm, norm_gain in norms.items():
-                        stack.enter_context(
-                            patch_attr(norm, "forward", partial(gained, norm.forward, norm_gain))
-                        )
-                    plain = stack.enter_context(
-                        LayerPass(self, layer, (), weights=tuned_weights(tuned_scales()))
-                    )
-                    output = first_tensor(plain.run(batch, args, kwargs, hidden)[1])
-                yield token_relative_error(output, targets[batch].to(output.device))
+                yield layer_loss(*next(mine))
 
+        def mean_layer_loss() -> float:
+            """The mean loss over the checked batches of every rank at the current
+            parameters (a forward each, no step); the same on every rank."""
+            with torch.no_grad():
+                losses = []
+                for position, call in enumerate(calls()):
+                    if position in checked:
+                        losses.append(layer_loss(*call).item())
+                        progress.update(1)
+            return mean_loss([value for part in gather(losses) for value in part])
+
+        # Whether tuning helped: the mean loss at the parameters it ends with against
+        # the mean loss before any step, on the same batches, each measured in a pass
+        # of its own (a forward per batch, no gradient). The losses the tuning passes
+        # see cannot stand in for either: each is measured before its own batch's
+        # step, at parameters that move from batch to batch, so only the first batch
+        # of the first pass sees the start, and with few batches the early steps
+        # weigh on a pass's mean while the parameters at its end are better (tiny
+        # Llama, 2 batches: 0.0016 before, 0.0017 during the pass, 0.0012 after).
+        # A paired comparison on up to 8 batches: the two passes cost about a third
+        # of a tuning epoch at 32 batches, all of one at 8.
+        start_loss = mean_layer_loss()
+        parameters = [gain for *_, gain in grids.values()] + list(norms.values())
         owners = itertools.cycle(step_owners)
         history = tune(
-            [gain for *_, gain in grids.values()] + list(norms.values()),
+            parameters,
             batch_losses,
             self.block_tuning_epochs,
             self.block_tuning_learning_rate,
             share=lambda parameters, loss: share_step(parameters, loss, next(owners)),
         )
+        finite = all(bool(torch.isfinite(parameter).all()) for parameter in parameters)
+        final_loss = mean_layer_loss() if finite else math.nan
         progress.close()
-        with torch.no_grad():
-            scales = tuned_scales()
-            for module, weight in tuned_weights(scales).items():
-                update_offload_parameter(module, "weight", weight.to(module.weight.dtype))
-                update_offload_parameter(
-                    module, "weight_scale", scales[module].to(module.weight_scale.dtype)
-                )
-            for norm, norm_gain in norms.items():
-                update_offload_parameter(norm, "weight", (norm_weights[norm] * norm_gain).to(norm.weight.dtype))
+        kept = bool(history) and keeps_tuning(start_loss, final_loss, finite)
+        self._tuned_layers += 1
+        if kept:
+            with torch.no_grad():
+                scales = tuned_scales()
+                for module, weight in tuned_weights(scales).items():
+                    update_offload_parameter(module, "weight", weight.to(module.weight.dtype))
+                    update_offload_parameter(
+                        module, "weight_scale", scales[module].to(module.weight_scale.dtype)
+                    )
+                for norm, norm_gain in norms.items():
+                    update_offload_parameter(norm, "weight", (norm_weights[norm] * norm_gain).to(norm.weight.dtype))
+        else:  # its scales and norm weights were never written: they stay
+            self._note_name("tuning_fallback", self._layer_names[layer])
         barrier()  # every rank wrote the same values; none propagates before all have
         if history and rank() == 0:  # the same on every rank
             logger.info(
-                f"QEP: tuned {self._layer_names[layer]}: mean relative output error per token, per epoch "
-                + " -> ".join(f"{loss:.4g}" for loss in history)
+                f"QEP: {'tuned' if kept else 'kept the untuned'} {self._layer_names[layer]}: "
+                f"mean relative output error per token {start_loss:.4g} -> {final_loss:.4g} "
+                "(during each epoch: " + " -> ".join(f"{loss:.4g}" for loss in history) + ")"
             )
 
     def _recorded_calls(self, layer: torch.nn.Module):
@@ -1086,10 +1290,30 @@ class QEPModifier(GPTQModifier):
         return self.report_errors or self._corrects(module)
 
     def _note(self, reason: str, module: torch.nn.Module) -> None:
+        self._note_name(reason, self._module_names[module])
+
+    def _note_name(self, reason: str, name: str) -> None:
         names = self._problems.setdefault(reason, [])
-        name = self._module_names[module]
         if name not in names:
             names.append(name)
+
+    def _warn_tuning_never_kept(self) -> None:
+        """A learning rate with which no tuned layer got better: one warning."""
+        fell_back = len(self._problems.get("tuning_fallback", ()))
+        if self._tuned_layers and fell_back >= self._tuned_layers:
+            rate = self.block_tuning_learning_rate
+            default = type(self).model_fields["block_tuning_learning_rate"].default
+            advice = (
+                f"is likely too large (the default is {default})"
+                if rate > default
+                else f"did not help here (the default is {default}; block_tuning_epochs: 0 "
+                "turns tuning off)"
+            )
+            logger.warning(
+                f"QEP: block tuning lowered the output error of none of the "
+                f"{self._tuned_layers} tuned layer(s), so all kept their untuned scales and "
+                f"norm weights: block_tuning_learning_rate: {rate} {advice}"
+            )
 
     def _warn_problems(self) -> None:
         """One warning: which modules did not get the full method, and why."""
@@ -1124,53 +1348,38 @@ class QEPModifier(GPTQModifier):
         )
 
     # ------------------------------------------------------------ checks
-    def _check_weight_only_int(self):
-        for module, name in self._module_names.items():
-            scheme = getattr(module, "quantization_scheme", None)
-            if scheme is None:
-                continue
-            if scheme.input_activations is not None or (
-                scheme.output_activations is not None
-            ):
-                raise ValueError(
-                    f"QEPModifier is weight-only: {name} has activation quantization "
-                    "in its scheme; use a weight-only scheme (W4A16, W3A16, W2A16, "
-                    "W4A16_ASYM or config_groups with only `weights`)"
-                )
-            weights = scheme.weights
-            if weights is not None and weights.type != QuantizationType.INT:
-                raise ValueError(
-                    f"QEPModifier quantizes to integers only: {name} has weight type "
-                    f"{weights.type!r}; allowed: 'int'"
-                )
-
-    def _check_refit_scales_fit(self):
-        if not self.refit_scales:
+    def check_targets_match(self, model: torch.nn.Module, named_modules) -> None:
+        """Raise one line naming ``targets`` and ``ignore`` when the ``(name,
+        module)`` pairs they matched in ``model`` (the real model, or a
+        meta-device copy before any load) hold no weight to quantize."""
+        if any(_quantizes_weight(module) for _, module in named_modules):
             return
-        if self.base != "gptq":
-            raise ValueError(
-                "refit_scales refits the scales to the GPTQ sweep's codes: it needs "
-                f"base: gptq, got base: {self.base}"
-            )
-        if self.group_scales != "observer":
-            raise ValueError(
-                "refit_scales refits the observer's scales after the sweep: it needs "
-                f"group_scales: observer, got group_scales: {self.group_scales}"
-            )
-        self._check_group_or_channel("refit_scales needs the group or channel strategy")
+        example = next(
+            (name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)),
+            None,
+        )
+        seen = f"; its Linears are named like {example}" if example else ""
+        raise InputError(
+            f"{type(self).__name__}: targets {sorted(self.resolved_targets)} with ignore "
+            f"{list(self.ignore)} match no module of the model with a weight to quantize"
+            f"{seen}; targets take class names (Linear) or re: patterns of module names"
+        )
 
-    def _check_block_tuning_fit(self):
-        if not self.block_tuning_epochs:
-            return
-        self._check_group_or_channel("block_tuning_epochs tunes group or channel scales")
-
-    def _check_group_or_channel(self, field_needs: str) -> None:
-        """Raise ``field_needs: <module> has strategy <s>`` for the first module
-        whose weight scales are neither per group nor per channel."""
+    def _check_finite_weights(self) -> None:
+        """Raise one line naming the first targeted module with a ``nan`` or
+        ``inf`` in its weight or bias (scales, corrections and the error report
+        would all be ``nan`` after it)."""
         for module, name in self._module_names.items():
-            weights = getattr_chain(module, "quantization_scheme.weights", None)
-            if weights is not None and weights.strategy not in ("group", "channel"):
-                raise ValueError(f"{field_needs}: {name} has strategy {weights.strategy!r}")
+            for kind in ("weight", "bias"):  # not the (still empty) quantization parameters
+                parameter = getattr(module, kind, None)
+                if not isinstance(parameter, torch.Tensor) or not parameter.is_floating_point():
+                    continue
+                count = int((~torch.isfinite(parameter.detach())).sum())
+                if count:
+                    raise NonFiniteWeights(
+                        f"module {name} has {count} non-finite {kind} value"
+                        f"{'s' if count > 1 else ''} (nan/inf); fix the model before quantizing"
+                    )
 
     def check_group_sizes(self, named_modules) -> None:
         """Raise one line naming the group sizes and input widths that do not fit

@@ -27,6 +27,7 @@ __all__ = [
     "InputError",
     "bar_chart",
     "check_recipe_fits",
+    "check_rotations_fit",
     "one_line_errors",
     "model_config",
     "quiet_loading",
@@ -134,15 +135,18 @@ def load_recipe(path: Path, report: bool = False):
 
 
 def check_recipe_fits(config, recipe) -> None:
-    """Refuse, before any weight is loaded, a QEP recipe whose group size does
-    not divide a targeted module's input width (a meta-device copy of the model
-    built from its ``config`` gets the recipe's schemes)."""
+    """Refuse, before any weight is loaded, a recipe that cannot run on the model
+    of ``config``: a rotation the model type does not support
+    (:func:`check_rotations_fit`), QEP targets that match no module, a group size
+    that does not divide a targeted module's input width (a meta-device copy of
+    the model built from ``config`` gets the recipe's schemes)."""
     from compressed_tensors.quantization import apply_quantization_config
     from compressed_tensors.utils import match_named_modules
     from transformers import AutoModelForCausalLM
 
     from qep_modifier.modifier import QEPModifier
 
+    check_rotations_fit(config, recipe)
     ours = [modifier for modifier in recipe.modifiers if isinstance(modifier, QEPModifier)]
     if not ours:
         return
@@ -150,12 +154,74 @@ def check_recipe_fits(config, recipe) -> None:
         skeleton = AutoModelForCausalLM.from_config(config)
     for modifier in ours:
         apply_quantization_config(skeleton, modifier.resolved_config)
+        named = list(match_named_modules(skeleton, modifier.resolved_targets, modifier.ignore))
         try:
-            modifier.check_group_sizes(
-                match_named_modules(skeleton, modifier.resolved_targets, modifier.ignore)
-            )
+            modifier.check_targets_match(skeleton, named)
+            modifier.check_group_sizes(named)
         except ValueError as error:
             raise InputError(str(error)) from None
+
+
+#: Model types on which llm-compressor 0.14.0.1's SpinQuant R1/R2 rotations were
+#: checked to leave the model's function unchanged: tiny random models of each
+#: type, biases and norm weights randomised, logits before and after the
+#: rotations equal to 1e-7 relative (without the toolkit's embedding centering,
+#: which is no rotation). Its rotations assume Llama's module names and pre-norm
+#: RMSNorm blocks; on the other families tried they fail inside compressed-tensors
+#: after the model has loaded, or run and change the model.
+SPINQUANT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "helium")
+
+#: Why, for the families tried that are not in :data:`SPINQUANT_MODEL_TYPES`.
+SPINQUANT_MISFITS = {
+    **dict.fromkeys(
+        ("gemma", "gemma2", "gemma3", "gemma3_text"),
+        "its scaled word embedding cannot take a rotation in compressed-tensors",
+    ),
+    "phi3": "its fused qkv_proj and gate_up_proj do not match the rotations' module names",
+    **dict.fromkeys(
+        ("olmo", "olmo2", "opt", "gpt_neox", "cohere", "starcoder2", "phi", "glm"),
+        "its blocks' norms and projections do not match the rotations' pre-norm "
+        "Llama layout",
+    ),
+    **dict.fromkeys(
+        ("qwen3_moe", "qwen2_moe", "mixtral"),
+        "its experts' router is not rotated, so the rotated model routes tokens "
+        "differently: it runs and changes the model's outputs",
+    ),
+}
+
+
+def check_rotations_fit(config, recipe) -> None:
+    """Refuse a ``SpinQuantModifier`` on a model type outside
+    :data:`SPINQUANT_MODEL_TYPES` (unless the recipe gives its own ``mappings``
+    or ``transform_config``), in one line naming the model type and the
+    packaged recipe without rotation to use instead. (``QuIPModifier`` rotates
+    each Linear on its own and ran unchanged on every family tried.)"""
+    model_type = getattr(config, "model_type", None)
+    for modifier in recipe.modifiers:
+        name = type(modifier).__name__
+        if name != "SpinQuantModifier" or model_type in SPINQUANT_MODEL_TYPES:
+            continue
+        if {"mappings", "transform_config"} & set(modifier.model_fields_set):
+            continue  # the recipe says where its rotations go
+        why = SPINQUANT_MISFITS.get(model_type, "not among the model types its rotations were checked on")
+        raise InputError(
+            f"{name} does not support model type {model_type}: {why} (its rotations are "
+            f"checked on {', '.join(SPINQUANT_MODEL_TYPES)}); use "
+            f"{_without_rotation(recipe)} instead"
+        )
+
+
+def _without_rotation(recipe) -> str:
+    """The packaged QEP recipe without rotation at the recipe's weight bits, or
+    the advice to drop the rotation."""
+    for modifier in recipe.modifiers:
+        config = getattr(modifier, "resolved_config", None)
+        for scheme in getattr(config, "config_groups", {}).values():
+            bits = getattr(scheme.weights, "num_bits", None)
+            if (PACKAGED_RECIPES / f"w{bits}a16_qep_gptq.yaml").is_file():
+                return f"the packaged recipe w{bits}a16_qep_gptq (no rotation)"
+    return "the recipe without its SpinQuantModifier"
 
 
 def calibration_windows(tokenizer, text: str | Path | torch.Tensor, num_samples: int, seq_len: int, seed: int = 0):
