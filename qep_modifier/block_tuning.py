@@ -13,20 +13,25 @@ serving time.
 
 The pure pieces live here (tested without models): a Linear's column groups,
 its integer codes, the weight from codes and tuned scales, and the Adam loop.
-The modifier runs the layer (:meth:`QEPModifier._tune_layer`).
+The run loop runs the layer (:meth:`qep_modifier.calibrate.CalibrationRun.tune_layer`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 __all__ = [
-    "OffGrid", "column_groups", "dequantized_weight", "gained", "grid_codes", "scales_with_weight",
-    "token_relative_error", "tune",
+    "DEFAULT_LEARNING_RATE", "OffGrid", "checked_batches", "column_groups", "dequantized_weight", "gained", "grid_codes",
+    "keeps_tuning", "mean_loss", "scales_with_weight", "token_relative_error", "tune",
 ]
+
+#: ``block_tuning_learning_rate``'s default: Adam's step on the log-scale gains
+#: and the norms' output gains
+DEFAULT_LEARNING_RATE = 0.005
 
 
 class OffGrid(ValueError):
@@ -120,6 +125,28 @@ def tune(
                 total, count = total + value, count + 1
             history.append(total / max(count, 1))
     return history
+
+
+def checked_batches(count: int, most: int) -> list[int]:
+    """Which of ``count`` batches (in step order) measure whether tuning helped:
+    all of them up to ``most``, else ``most`` spread evenly from the first."""
+    if count <= most:
+        return list(range(count))
+    return [index * count // most for index in range(most)]
+
+
+def mean_loss(losses: Sequence[float]) -> float:
+    """The mean of per-batch losses, summed exactly (``math.fsum``: the same
+    value whatever the order, so on every process alike)."""
+    return math.fsum(losses) / len(losses) if losses else math.nan
+
+
+def keeps_tuning(start_loss: float, final_loss: float, parameters_finite: bool = True) -> bool:
+    """Whether a tuned block keeps its tuning: its final loss is finite and below
+    its loss before any step, and the tuned parameters are finite. Otherwise it
+    keeps its untuned scales and norm weights (a learning rate too large for the
+    block diverges, and a ``nan`` loss compares below nothing)."""
+    return parameters_finite and math.isfinite(final_loss) and final_loss < start_loss
 
 
 def gained(forward, gain: torch.Tensor, *args, **kwargs):

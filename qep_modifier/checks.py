@@ -17,13 +17,27 @@ from loguru import logger
 from qep_modifier.distributed import gather, rank
 
 __all__ = [
+    "NonFiniteWeights",
+    "WEIGHT_BITS",
     "check_block_tuning_fit",
     "check_calibration_size",
+    "check_finite_weights",
     "check_group_sizes",
     "check_modules",
+    "check_observer_name",
     "check_refit_scales_fit",
+    "check_scheme",
+    "check_targets_match",
     "check_weight_only_int",
+    "quantizes_weight",
 ]
+
+#: the integer widths QEP quantizes weights to (what vLLM's WNA16 kernels serve)
+WEIGHT_BITS = range(2, 9)
+
+
+class NonFiniteWeights(ValueError):
+    """A targeted module of the input model holds ``nan`` or ``inf``."""
 
 NamedModules = Iterable[tuple[str, torch.nn.Module]]
 
@@ -44,6 +58,113 @@ def check_modules(
     check_refit_scales_fit(named_modules, refit_scales, base, group_scales)
     check_block_tuning_fit(named_modules, block_tuning_epochs)
     check_group_sizes(named_modules, owner)
+
+
+def check_targets_match(
+    named_modules: NamedModules,
+    targets,
+    ignore,
+    owner: str = "QEPModifier",
+    model: torch.nn.Module | None = None,
+) -> None:
+    """Raise one line naming ``targets`` and ``ignore`` when the ``(name, module)``
+    pairs they matched (in the real model, or a meta-device copy before any load)
+    hold no weight to quantize; with ``model``, name one of its Linears."""
+    if any(quantizes_weight(module) for _, module in named_modules):
+        return
+    example = next(
+        (name for name, module in (model.named_modules() if model is not None else ())
+         if isinstance(module, torch.nn.Linear)),
+        None,
+    )
+    seen = f"; its Linears are named like {example}" if example else ""
+    raise ValueError(
+        f"{owner}: targets {sorted(targets)} with ignore {list(ignore)} match no module "
+        f"of the model with a weight to quantize{seen}; targets take class names "
+        "(Linear) or re: patterns of module names"
+    )
+
+
+def check_finite_weights(named_modules: NamedModules) -> None:
+    """Raise one line naming the first module with a ``nan`` or ``inf`` in its
+    weight or bias (scales, corrections and the error report would all be
+    ``nan`` after it). Meta tensors (a skeleton before any load) are skipped."""
+    for name, module in named_modules:
+        for kind in ("weight", "bias"):  # not the (still empty) quantization parameters
+            parameter = getattr(module, kind, None)
+            if (
+                not isinstance(parameter, torch.Tensor)
+                or not parameter.is_floating_point()
+                or parameter.is_meta
+            ):
+                continue
+            count = int((~torch.isfinite(parameter.detach())).sum())
+            if count:
+                raise NonFiniteWeights(
+                    f"module {name} has {count} non-finite {kind} value"
+                    f"{'s' if count > 1 else ''} (nan/inf); fix the model before quantizing"
+                )
+
+
+def check_scheme(where: str, scheme, owner: str, refit_scales: int, block_tuning_epochs: int) -> None:
+    """Raise one line when ``scheme`` (one resolved config group, named by
+    ``where``) is not what QEP quantizes with: weight-only, int, 2 to 8 bits,
+    and group or channel scales where refits or block tuning need them."""
+    if scheme.input_activations is not None or scheme.output_activations is not None:
+        raise ValueError(
+            f"{owner} is weight-only: {where} quantizes activations too; use a "
+            "weight-only scheme (W4A16, W3A16, W2A16, W4A16_ASYM or "
+            "config_groups with only `weights`)"
+        )
+    weights = scheme.weights
+    if weights is None:
+        raise ValueError(f"{owner} quantizes weights: {where} has no `weights`")
+    if weights.type != QuantizationType.INT:
+        raise ValueError(
+            f"{owner} quantizes to integers only: {where} has weight type "
+            f"{_value(weights.type)!r}; allowed: 'int'"
+        )
+    if weights.num_bits not in WEIGHT_BITS:
+        raise ValueError(
+            f"{where}: weights num_bits = {weights.num_bits} is outside 2-8 "
+            f"({owner} quantizes weights to 2- to 8-bit integers)"
+        )
+    for count, needs in (
+        (refit_scales, "refit_scales needs the group or channel strategy"),
+        (block_tuning_epochs, "block_tuning_epochs tunes group or channel scales"),
+    ):
+        if count and weights.strategy not in ("group", "channel"):
+            raise ValueError(f"{needs}: {where} has strategy {_value(weights.strategy)!r}")
+
+
+def check_observer_name(field: str, name: str | None) -> None:
+    """Raise one line when no observer is registered under ``name``."""
+    import difflib
+
+    from llmcompressor.observers import Observer
+
+    if name is None:
+        return
+    try:
+        Observer.get_value_from_registry(name)
+    except KeyError:
+        known = [known.replace("-", "_") for known in Observer.registered_names()]
+        close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"{field}: no observer named {name!r}{hint}; observers: {', '.join(known)}"
+        ) from None
+
+
+def _value(value):
+    return getattr(value, "value", value)
+
+
+def quantizes_weight(module: torch.nn.Module) -> bool:
+    """A target whose weight QEP quantizes (embeddings are left out)."""
+    return getattr_chain(
+        module, "quantization_scheme.weights", None
+    ) is not None and not isinstance(module, torch.nn.Embedding)
 
 
 def check_weight_only_int(named_modules: NamedModules) -> None:

@@ -13,8 +13,10 @@ modifier calibrating in the same pass sees each batch once.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import enum
+import math
 import re
 from collections.abc import Mapping
 from typing import Literal
@@ -25,12 +27,22 @@ from loguru import logger
 from pydantic import PrivateAttr, field_validator, model_serializer, model_validator
 
 from llmcompressor.core import Event, State, active_session
+from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
+from qep_modifier.block_tuning import DEFAULT_LEARNING_RATE
 from qep_modifier.calibrate import CalibrationRun, RunSummary
-from qep_modifier.checks import check_calibration_size, check_modules
+from qep_modifier.checks import (
+    NonFiniteWeights,
+    check_calibration_size,
+    check_finite_weights,
+    check_modules,
+    check_observer_name,
+    check_scheme,
+    check_targets_match,
+)
 from qep_modifier.distributed import check_distinct_shards
 from qep_modifier.strength import (
     AUTO,
@@ -39,18 +51,20 @@ from qep_modifier.strength import (
     unmatched_patterns,
 )
 
-__all__ = ["QEPModifier", "FOEMModifier", "DEFAULT_PROPAGATION_STRENGTH"]
+__all__ = ["QEPModifier", "FOEMModifier", "NonFiniteWeights", "DEFAULT_PROPAGATION_STRENGTH"]
 
-# the fields a recipe sets (error messages list them)
-_RECIPE_FIELDS = (
-    "targets", "ignore", "scheme", "config_groups", "weight_observer", "actorder",
-    "block_size", "dampening_frac", "propagation_strength", "correction_damping",
-    "base", "true_sequential", "first_order_strength", "first_order_reach", "group_scales",
-    "refit_scales", "block_tuning_epochs", "block_tuning_learning_rate",
-    "stream_offload_device", "cache_full_precision_inputs", "resume_replays",
-    "report_errors",
-)
+# the lifecycle's own fields (index, group, start, end, update, the *_ state
+# flags, requires_calibration_data): the toolkit sets them, recipes do not, so
+# the list of fields in error messages leaves them out
+_LIFECYCLE_FIELDS = frozenset(Modifier.model_fields)
 
+# what each float field allows besides being finite (said when it is not)
+_FLOAT_RANGES = {
+    "correction_damping": "> 0",
+    "block_tuning_learning_rate": "> 0",
+    "first_order_strength": ">= 0",
+    "dampening_frac": ">= 0",
+}
 
 
 class QEPModifier(GPTQModifier):
@@ -130,7 +144,10 @@ class QEPModifier(GPTQModifier):
         per batch. Under torch.distributed the steps run in one order on every
         rank (rank 0's batches, then rank 1's, ...), each batch's gradients sent
         from the rank that holds it, so the result is one process's on the ranks'
-        shards in rank order; group or channel strategy
+        shards in rank order; group or channel strategy. A layer whose loss,
+        measured on up to 8 batches before the first step and after the last,
+        did not go down (or is not finite) keeps its untuned scales and norm
+        weights (the summary at the end names it)
     :param block_tuning_learning_rate: Adam's learning rate for block tuning, > 0
         (scales are tuned as ``scale * exp(gain)``, norm weights through a gain
         on the norm's output)
@@ -163,7 +180,7 @@ class QEPModifier(GPTQModifier):
     group_scales: Literal["observer", "sweep"] = "observer"
     refit_scales: int = 0
     block_tuning_epochs: int = 0
-    block_tuning_learning_rate: float = 0.005
+    block_tuning_learning_rate: float = DEFAULT_LEARNING_RATE
     cache_full_precision_inputs: bool = True
     resume_replays: bool = True
     report_errors: bool = False
@@ -210,13 +227,30 @@ class QEPModifier(GPTQModifier):
         known = set(cls.model_fields)
         for key in values:
             if key not in known:
-                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                fields = cls.recipe_fields()
+                close = difflib.get_close_matches(str(key), fields, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(
                     f"{cls.__name__} has no field {key!r}{hint}; its fields: "
-                    + ", ".join(_RECIPE_FIELDS)
+                    + ", ".join(fields)
                 )
         return values
+
+    @classmethod
+    def recipe_fields(cls) -> list[str]:
+        """The fields a recipe sets: every declared field (GPTQModifier's and the
+        quantization mixin's included) but the lifecycle's own."""
+        return [name for name in cls.model_fields if name not in _LIFECYCLE_FIELDS]
+
+    @field_validator("*")
+    @classmethod
+    def _check_finite(cls, value, info):
+        """No float field takes ``inf`` or ``nan`` (YAML's ``.inf``, ``.nan``)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            allowed = _FLOAT_RANGES.get(info.field_name)
+            allowed = f" {allowed}" if allowed else ""
+            raise ValueError(f"{info.field_name} must be a finite number{allowed}, got {value}")
+        return value
 
     @field_validator("propagation_strength", mode="before")
     @classmethod
@@ -270,14 +304,88 @@ class QEPModifier(GPTQModifier):
             )
         return value
 
+    @field_validator("block_size", mode="before")
+    @classmethod
+    def _check_block_size(cls, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"block_size must be a whole number >= 1 (columns the GPTQ sweep updates "
+                f"at once; default 128), got {value!r}"
+            )
+        return value
+
+    @field_validator("dampening_frac")
+    @classmethod
+    def _check_dampening_frac(cls, value):
+        # None is the toolkit's type, but the sweep multiplies by it
+        if value is None or not value >= 0:
+            raise ValueError(
+                "dampening_frac must be a finite number >= 0 (a fraction of mean(diag H) "
+                f"added to the Hessian's diagonal; default 0.01), got {value}"
+            )
+        return value
+
+    @field_validator("stream_offload_device")
+    @classmethod
+    def _check_device(cls, value):
+        if value is not None:
+            try:
+                torch.device(value)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(
+                    f"stream_offload_device {value!r} is not a device ({error}); "
+                    "e.g. cpu, cuda, cuda:0"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_fields_together(self):
+        """The rules between fields that need no model, when the recipe is parsed:
+        one of ``scheme`` / ``config_groups``; every scheme weight-only int at 2
+        to 8 bits with a known observer; what ``refit_scales`` and
+        ``block_tuning_epochs`` need."""
+        if self.scheme is not None and self.config_groups is not None:
+            raise ValueError(
+                "scheme and config_groups are both set; give one: scheme (a preset such "
+                "as W4A16) or config_groups (the scheme written out)"
+            )
+        if self.refit_scales and self.base != "gptq":
+            raise ValueError(
+                "refit_scales refits the scales to the GPTQ sweep's codes: it needs "
+                f"base: gptq, got base: {self.base}"
+            )
+        if self.refit_scales and self.group_scales != "observer":
+            raise ValueError(
+                "refit_scales refits the observer's scales after the sweep: it needs "
+                f"group_scales: observer, got group_scales: {self.group_scales}"
+            )
+        # on copies: resolving writes actorder and observers into config_groups
+        # (a shallow twin otherwise: private state may hold the model's modules)
+        twin = self.model_copy(
+            update={
+                "config_groups": copy.deepcopy(self.config_groups),
+                "scheme": copy.deepcopy(self.scheme),
+            }
+        )
+        for group, scheme in twin.resolve_quantization_config().config_groups.items():
+            where = f"scheme {self.scheme!r}" if self.scheme is not None else f"config_groups.{group}"
+            check_scheme(where, scheme, type(self).__name__, self.refit_scales, self.block_tuning_epochs)
+            observer = scheme.weights.observer
+            field = "weight_observer" if self.weight_observer == observer else f"{where} weights observer"
+            check_observer_name(field, observer)
+        return self
+
     # ------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs) -> bool:
+        self._check_fields_together()  # again: fields may change after parsing
         # the toolkit's own divisibility check lists every module; QEP's says
         # which widths do not fit and which group sizes would (it also catches
         # modules narrower than a group, which the toolkit lets through)
         with patch_attr(self, "bypass_divisibility_checks", True):
             super().on_initialize(state, **kwargs)
-        self.check_modules((name, module) for module, name in self._module_names.items())
+        named_modules = [(name, module) for module, name in self._module_names.items()]
+        self.check_modules(named_modules, state.model)
+        check_finite_weights(named_modules)
         check_distinct_shards(kwargs.get("calib_data"))
         check_calibration_size(
             kwargs.get("calib_data"),
@@ -305,9 +413,15 @@ class QEPModifier(GPTQModifier):
         self._warn_unmatched_patterns()
         return True
 
-    def check_modules(self, named_modules) -> None:
-        """This recipe's model checks (:func:`qep_modifier.checks.check_modules`)
-        on ``(name, module)`` pairs whose quantization scheme is attached."""
+    def check_modules(self, named_modules, model: torch.nn.Module | None = None) -> None:
+        """This recipe's model checks on the ``(name, module)`` pairs its targets
+        matched in ``model``, quantization schemes attached: some module to
+        quantize (:func:`~qep_modifier.checks.check_targets_match`), then
+        :func:`~qep_modifier.checks.check_modules`."""
+        named_modules = list(named_modules)
+        check_targets_match(
+            named_modules, self.resolved_targets, self.ignore, type(self).__name__, model
+        )
         check_modules(
             named_modules,
             owner=type(self).__name__,

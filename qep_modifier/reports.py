@@ -31,6 +31,9 @@ PROBLEMS = {
     "(raise dampening_frac or use more calibration samples)",
     "auto_fallback": "propagation_strength auto needs calibration batches on both sides of "
     "its split (at least two batches); they were corrected with 0.5",
+    "tuning_fallback": "block tuning did not lower their output error (or left it not "
+    "finite), so they kept their untuned scales and norm weights (see "
+    "block_tuning_learning_rate)",
 }
 
 #: names shown per reason in the warning (all of them at DEBUG level)

@@ -31,6 +31,10 @@ CASES = {
     "qep_foem": Case("llama", lambda: QEPModifier(first_order_strength=0.1, **W3)),
     "report": Case("llama", lambda: QEPModifier(report_errors=True, propagation_strength=0.5, **W3)),
     "block_tuning": Case("llama", lambda: QEPModifier(block_tuning_epochs=2, refit_scales=1, **W3)),
+    # every layer falls back (its loss diverges): the same decision on both ranks
+    "block_tuning_fallback": Case(
+        "llama", lambda: QEPModifier(block_tuning_epochs=1, block_tuning_learning_rate=1000.0, **W3)
+    ),
     "moe": Case("moe", lambda: QEPModifier(**W3)),
     "lm_head": Case("tied", lambda: QEPModifier(targets="Linear", config_groups=group_scheme(3, 32))),
     "identical_data": Case("llama", lambda: QEPModifier(**W3), identical=True),

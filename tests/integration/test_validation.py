@@ -1,5 +1,7 @@
 """Bad recipes fail early, with the field and the allowed values in the message."""
 
+import math
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -58,8 +60,8 @@ def model_dir(one_layer_llama):
 )
 def test_non_integer_or_activation_schemes_fail_before_calibration(model_dir, scheme, words):
     untouched = load_model(model_dir).state_dict()
-    recipe = QEPModifier(targets="Linear", ignore=["lm_head"], scheme=scheme)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError) as error:  # when the recipe is parsed
+        recipe = QEPModifier(targets="Linear", ignore=["lm_head"], scheme=scheme)
         quantize(model_dir, recipe, token_dataset(2, 16, seed=0))
     for word in words:
         assert word in str(error.value)
@@ -86,10 +88,10 @@ TENSOR_SCALES = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "
     ids=["refit-rtn", "refit-sweep-scales", "refit-tensor", "tuning-tensor"],
 )
 def test_scale_fields_that_cannot_apply_fail_before_calibration(model_dir, fields, scheme, words):
-    recipe = QEPModifier(targets="Linear", ignore=["lm_head"], config_groups=scheme, **fields)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValidationError) as error:  # when the recipe is parsed
+        recipe = QEPModifier(targets="Linear", ignore=["lm_head"], config_groups=scheme, **fields)
         quantize(model_dir, recipe, token_dataset(2, 16, seed=0))
-    message = str(error.value)
+    message = error.value.errors()[0]["msg"]
     assert len(message.splitlines()) == 1
     for word in words:
         assert word in message
@@ -146,3 +148,139 @@ def test_too_small_calibration_set_warns(model_dir):
     finally:
         logger.remove(sink)
     assert any("32 tokens" in message and "rank-deficient" in message for message in messages)
+
+
+def _recipe_file(path, fields: dict):
+    import yaml
+
+    qep = {"targets": ["Linear"], "ignore": ["lm_head"], "scheme": "W4A16", **fields}
+    path.write_text(yaml.safe_dump({"quant_stage": {"quant_modifiers": {"QEPModifier": qep}}}))
+    return path
+
+
+ONE_GROUP = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32}}
+
+
+def _bits(num_bits):
+    return {"scheme": None, "config_groups": {"group_0": {**ONE_GROUP, "weights": {**ONE_GROUP["weights"], "num_bits": num_bits}}}}
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"block_tuning_learning_rate": math.inf}, ["block_tuning_learning_rate", "finite", "inf"]),
+        ({"block_tuning_learning_rate": math.nan}, ["block_tuning_learning_rate", "finite", "nan"]),
+        ({"correction_damping": math.inf}, ["correction_damping", "finite"]),
+        ({"first_order_strength": math.inf}, ["first_order_strength", "finite"]),
+        ({"first_order_strength": math.nan}, ["first_order_strength", "finite"]),
+        ({"propagation_strength": math.nan}, ["propagation_strength", "[0, 1]"]),
+        ({"dampening_frac": -1}, ["dampening_frac", ">= 0", "-1"]),
+        ({"dampening_frac": math.inf}, ["dampening_frac", "finite"]),
+        ({"dampening_frac": None}, ["dampening_frac", ">= 0", "None"]),
+        ({"block_size": 0}, ["block_size", ">= 1"]),
+        ({"block_size": True}, ["block_size", ">= 1"]),
+        (_bits(0), ["config_groups.group_0", "num_bits = 0", "2-8"]),
+        (_bits(1), ["num_bits = 1", "2-8"]),
+        (_bits(9), ["num_bits = 9", "2-8"]),
+        ({"config_groups": {"group_0": ONE_GROUP}}, ["scheme", "config_groups", "give one"]),
+        ({"scheme": "FP8"}, ["scheme 'FP8'", "weight-only"]),
+        ({"scheme": "W4A8"}, ["scheme 'W4A8'", "weight-only", "activations"]),
+        (
+            {"scheme": None, "config_groups": {"group_0": {**ONE_GROUP, "input_activations": {"num_bits": 8}}}},
+            ["config_groups.group_0", "weight-only"],
+        ),
+        ({"scheme": "NVFP4A16"}, ["scheme 'NVFP4A16'", "integers only", "'int'"]),
+        ({"weight_observer": "memoryless_msee"}, ["weight_observer", "'memoryless_msee'", "did you mean 'memoryless_mse'"]),
+        ({"stream_offload_device": "gpu0"}, ["stream_offload_device", "'gpu0'", "cpu"]),
+        ({"refit_scales": 1, "base": "rtn"}, ["refit_scales", "base: gptq"]),
+        ({"block_tuning_epochs": 1, "scheme": None, "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "tensor"}}}}, ["block_tuning_epochs", "config_groups.group_0", "'tensor'"]),
+        ({"batch_quantization": 2}, ["'batch_quantization'", "did you mean 'batched_quantization'"]),
+    ],
+)
+def test_every_bad_field_fails_in_one_line_when_the_recipe_is_read(tmp_path, fields, words):
+    from qep_modifier.workflow import InputError, load_recipe
+
+    path = _recipe_file(tmp_path / "recipe.yaml", fields)
+    with pytest.raises(InputError) as error:
+        load_recipe(path)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and message.startswith(f"recipe {path}")
+    for word in words:
+        assert word in message, message
+
+
+def test_the_field_list_is_the_fields_a_recipe_can_set():
+    with pytest.raises(ValidationError) as error:
+        QEPModifier(targets="Linear", scheme="W4A16", observers={"weights": "mse"})
+    message = error.value.errors()[0]["msg"]
+    assert "did you mean 'observer'" in message
+    listed = message.split("its fields: ")[1].split(", ")
+    for field in ("batched_quantization", "observer", "kv_cache_scheme", "block_tuning_epochs", "report_errors"):
+        assert field in listed
+    for internal in ("index", "start", "initialized_", "requires_calibration_data"):
+        assert internal not in listed
+    assert set(listed) <= set(QEPModifier.model_fields)
+
+
+NO_MATCH = [
+    ({"targets": ["re:.*no_such_proj$"]}, "targets ['re:.*no_such_proj$'] with ignore ['lm_head']"),
+    ({"targets": ["Linear"], "ignore": ["Linear"]}, "targets ['Linear'] with ignore ['Linear']"),
+]
+
+
+@pytest.mark.parametrize("fields, words", NO_MATCH, ids=["no-target", "all-ignored"])
+def test_targets_that_match_no_module_are_refused_before_loading(fields, words):
+    from types import SimpleNamespace
+
+    from qep_modifier.workflow import InputError, check_recipe_fits
+    from tests.models import tiny_llama_config
+
+    recipe = SimpleNamespace(modifiers=[QEPModifier(**{"ignore": ["lm_head"], "scheme": "W4A16", **fields})])
+    with pytest.raises(InputError) as error:
+        check_recipe_fits(tiny_llama_config(num_hidden_layers=1), recipe)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    assert words in message and "match no module" in message and "model.layers.0.self_attn.q_proj" in message
+
+
+def test_targets_that_match_no_module_fail_before_calibration(model_dir, monkeypatch):
+    def calibrating(*args, **kwargs):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(QEPModifier, "on_calibration_start", calibrating)
+    recipe = QEPModifier(targets=["re:.*no_such_proj$"], ignore=["lm_head"], scheme="W4A16")
+    with pytest.raises(ValueError, match=r"targets \['re:.\*no_such_proj\$'\] with ignore \['lm_head'\] match no module"):
+        quantize(model_dir, recipe, token_dataset(2, 16, seed=0))
+
+
+def test_spinquant_on_a_model_type_it_does_not_support_is_refused_before_loading(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from qep_modifier.cli import oneshot_main
+    from qep_modifier.workflow import check_recipe_fits, load_recipe
+    from tests.models import tiny_llama_config, word_level_tokenizer
+
+    # a model folder with a config and a tokenizer and no weights: nothing to load
+    folder = tmp_path / "gemma3"
+    AutoConfig.for_model(
+        "gemma3_text", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    ).save_pretrained(folder)
+    word_level_tokenizer().save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{3 + i % 200}" for i in range(200)) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        oneshot_main(
+            [
+                "--model", str(folder), "--recipe", "w3a16_spinquant_qep", "--dataset", str(text),
+                "--num-samples", "2", "--seq-len", "16", "--output", str(tmp_path / "out"),
+            ]
+        )
+    message = str(stop.value.code)
+    assert len(message.splitlines()) == 1
+    assert message.startswith("qep-oneshot: SpinQuantModifier does not support model type gemma3_text")
+    assert "scaled word embedding" in message
+    assert "use the packaged recipe w3a16_qep_gptq (no rotation) instead" in message
+    assert not (tmp_path / "out").exists()
+    # a family its rotations were checked on passes
+    check_recipe_fits(tiny_llama_config(num_hidden_layers=1), load_recipe("w3a16_spinquant_qep"))

@@ -1,9 +1,13 @@
 """Block tuning's pure pieces against float64 references (no models)."""
 
+import math
+
 import pytest
 import torch
 
-from qep_modifier.block_tuning import OffGrid, column_groups, dequantized_weight, grid_codes, tune
+from qep_modifier.block_tuning import (
+    OffGrid, checked_batches, column_groups, dequantized_weight, grid_codes, keeps_tuning, mean_loss, tune,
+)
 
 
 def _grid(rows=6, columns=32, groups=4, bits=3, seed=0):
@@ -183,3 +187,61 @@ def test_token_relative_error_against_float64():
     got = token_relative_error(output.float(), target.float())
     assert got.dtype == torch.float32
     assert abs(got.item() - reference) < 1e-6 * reference
+
+
+def test_mean_loss_sums_exactly_in_any_order():
+    # a plain left-to-right sum gives 0.25 here, and another order another value:
+    # ranks that see the same losses must take the same keep-or-restore decision
+    values = [1e16, 1.0, -1e16, 1.0]
+    assert sum(values) / 4 == 0.25
+    assert mean_loss(values) == mean_loss(values[::-1]) == 0.5
+    assert math.isnan(mean_loss([]))
+
+
+def test_the_checked_batches_spread_over_the_steps():
+    assert checked_batches(3, 8) == [0, 1, 2]  # few batches: all
+    assert checked_batches(32, 8) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert checked_batches(10, 4) == [0, 2, 5, 7]
+    assert checked_batches(0, 8) == []
+
+
+def test_the_keep_decision_on_float64_losses():
+    assert keeps_tuning(0.5, 0.25)
+    assert not keeps_tuning(0.5, 0.5)  # not below the start: nothing gained
+    assert not keeps_tuning(0.5, 0.75)
+    assert not keeps_tuning(0.5, math.nan) and not keeps_tuning(0.5, math.inf)
+    assert not keeps_tuning(math.nan, 0.25)  # no start to compare with
+    assert not keeps_tuning(0.5, 0.25, parameters_finite=False)
+
+
+@pytest.mark.parametrize("learning_rate, kept", [(0.02, True), (1.0, False), (1000.0, False)])
+def test_tuning_is_kept_only_when_it_lowers_the_mean_loss(learning_rate, kept):
+    """The closed-form channel problem in float64: at 0.02 Adam lowers the mean
+    loss (measured at fixed parameters before and after, as the modifier does);
+    at 1.0 it overshoots to a larger loss, at 1000 the scales overflow."""
+    codes, scale, zero_point = _grid(rows=4, columns=16, groups=1)
+    groups = column_groups(16, scale)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(32, 16, generator=generator, dtype=torch.float64) for _ in range(4)]
+    true_weight = (codes - zero_point.double()) * 1.3 * scale
+    targets = [x @ true_weight.T for x in inputs]
+    gain = torch.zeros_like(scale, requires_grad=True)
+
+    def batch_losses():
+        for x, y in zip(inputs, targets):
+            weight = dequantized_weight(codes, scale * gain.exp(), zero_point, groups)
+            yield (x @ weight.T - y).pow(2).mean()
+
+    def mean_at_fixed_parameters():
+        with torch.no_grad():
+            return mean_loss([loss.item() for loss in batch_losses()])
+
+    start = mean_at_fixed_parameters()
+    # float64 reference of the start: the grid at its own scales, by hand
+    untuned = (codes - zero_point.double()) * scale
+    reference = sum(float((x @ untuned.T - y).pow(2).mean()) for x, y in zip(inputs, targets)) / 4
+    assert abs(start - reference) <= 1e-12 * reference
+    tune([gain], batch_losses, epochs=5, learning_rate=learning_rate)
+    finite = bool(torch.isfinite(gain).all())
+    final = mean_at_fixed_parameters() if finite else math.nan
+    assert keeps_tuning(start, final, finite) is kept, (start, final)
