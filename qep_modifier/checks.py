@@ -19,16 +19,13 @@ from qep_modifier.distributed import gather, rank
 __all__ = [
     "NonFiniteWeights",
     "WEIGHT_BITS",
-    "check_block_tuning_fit",
     "check_calibration_size",
     "check_finite_weights",
     "check_group_sizes",
     "check_modules",
     "check_observer_name",
-    "check_refit_scales_fit",
     "check_scheme",
     "check_targets_match",
-    "check_weight_only_int",
     "quantizes_weight",
 ]
 
@@ -46,17 +43,17 @@ def check_modules(
     named_modules: NamedModules,
     *,
     owner: str = "QEPModifier",
-    base: str = "gptq",
-    group_scales: str = "observer",
     refit_scales: int = 0,
     block_tuning_epochs: int = 0,
 ) -> None:
     """Every model check of a recipe with these fields (``owner``: the
-    modifier's name, for the messages)."""
+    modifier's name, for the messages): each module's attached scheme
+    (:func:`check_scheme`), then the group sizes against the input widths."""
     named_modules = list(named_modules)
-    check_weight_only_int(named_modules)
-    check_refit_scales_fit(named_modules, refit_scales, base, group_scales)
-    check_block_tuning_fit(named_modules, block_tuning_epochs)
+    for name, module in named_modules:
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is not None:
+            check_scheme(name, scheme, owner, refit_scales, block_tuning_epochs)
     check_group_sizes(named_modules, owner)
 
 
@@ -124,7 +121,7 @@ def check_scheme(where: str, scheme, owner: str, refit_scales: int, block_tuning
             f"{owner} quantizes to integers only: {where} has weight type "
             f"{_value(weights.type)!r}; allowed: 'int'"
         )
-    if weights.num_bits not in WEIGHT_BITS:
+    if getattr(weights, "num_bits", None) not in WEIGHT_BITS:
         raise ValueError(
             f"{where}: weights num_bits = {weights.num_bits} is outside 2-8 "
             f"({owner} quantizes weights to 2- to 8-bit integers)"
@@ -165,57 +162,6 @@ def quantizes_weight(module: torch.nn.Module) -> bool:
     return getattr_chain(
         module, "quantization_scheme.weights", None
     ) is not None and not isinstance(module, torch.nn.Embedding)
-
-
-def check_weight_only_int(named_modules: NamedModules) -> None:
-    for name, module in named_modules:
-        scheme = getattr(module, "quantization_scheme", None)
-        if scheme is None:
-            continue
-        if scheme.input_activations is not None or scheme.output_activations is not None:
-            raise ValueError(
-                f"QEPModifier is weight-only: {name} has activation quantization "
-                "in its scheme; use a weight-only scheme (W4A16, W3A16, W2A16, "
-                "W4A16_ASYM or config_groups with only `weights`)"
-            )
-        weights = scheme.weights
-        if weights is not None and weights.type != QuantizationType.INT:
-            raise ValueError(
-                f"QEPModifier quantizes to integers only: {name} has weight type "
-                f"{weights.type!r}; allowed: 'int'"
-            )
-
-
-def check_refit_scales_fit(
-    named_modules: NamedModules, refit_scales: int, base: str, group_scales: str
-) -> None:
-    if not refit_scales:
-        return
-    if base != "gptq":
-        raise ValueError(
-            "refit_scales refits the scales to the GPTQ sweep's codes: it needs "
-            f"base: gptq, got base: {base}"
-        )
-    if group_scales != "observer":
-        raise ValueError(
-            "refit_scales refits the observer's scales after the sweep: it needs "
-            f"group_scales: observer, got group_scales: {group_scales}"
-        )
-    _check_group_or_channel(named_modules, "refit_scales needs the group or channel strategy")
-
-
-def check_block_tuning_fit(named_modules: NamedModules, block_tuning_epochs: int) -> None:
-    if block_tuning_epochs:
-        _check_group_or_channel(named_modules, "block_tuning_epochs tunes group or channel scales")
-
-
-def _check_group_or_channel(named_modules: NamedModules, field_needs: str) -> None:
-    """Raise ``field_needs: <module> has strategy <s>`` for the first module
-    whose weight scales are neither per group nor per channel."""
-    for name, module in named_modules:
-        weights = getattr_chain(module, "quantization_scheme.weights", None)
-        if weights is not None and weights.strategy not in ("group", "channel"):
-            raise ValueError(f"{field_needs}: {name} has strategy {weights.strategy!r}")
 
 
 def check_group_sizes(named_modules: NamedModules, owner: str = "QEPModifier") -> None:

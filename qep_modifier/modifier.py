@@ -425,8 +425,6 @@ class QEPModifier(GPTQModifier):
         check_modules(
             named_modules,
             owner=type(self).__name__,
-            base=self.base,
-            group_scales=self.group_scales,
             refit_scales=self.refit_scales,
             block_tuning_epochs=self.block_tuning_epochs,
         )

@@ -8,11 +8,8 @@ import torch
 
 from qep_modifier.checks import (
     calibration_tokens,
-    check_block_tuning_fit,
     check_group_sizes,
     check_modules,
-    check_refit_scales_fit,
-    check_weight_only_int,
 )
 from qep_modifier.reports import ErrorReport, ProblemLog
 
@@ -35,9 +32,11 @@ def test_error_report_merges_rows_of_every_rank_in_quantization_order():
     assert [row["name"] for row in report.merged(rows_by_rank)] == ["q", "k"]
 
 
-def _linear(in_features, strategy="group", group_size=32, type_="int", activations=None):
+def _linear(in_features, strategy="group", group_size=32, type_="int", activations=None, num_bits=3):
     module = torch.nn.Linear(in_features, 4, bias=False, device="meta")
-    weights = types.SimpleNamespace(strategy=strategy, group_size=group_size, type=type_)
+    weights = types.SimpleNamespace(
+        strategy=strategy, group_size=group_size, type=type_, num_bits=num_bits
+    )
     module.quantization_scheme = types.SimpleNamespace(
         weights=weights, input_activations=activations, output_activations=None
     )
@@ -52,22 +51,18 @@ def test_group_sizes_name_the_misfit_and_what_fits():
     assert "fit every targeted module: 32" in str(error.value)
 
 
-def test_weight_only_int_and_strategy_fits():
-    with pytest.raises(ValueError, match="weight-only: a"):
-        check_weight_only_int([("a", _linear(64, activations=object()))])
-    with pytest.raises(ValueError, match="integers only"):
-        check_weight_only_int([("a", _linear(64, type_="float"))])
+def test_weight_only_int_bits_and_strategy_fits():
+    with pytest.raises(ValueError, match="weight-only: a quantizes activations"):
+        check_modules([("a", _linear(64, activations=object()))])
+    with pytest.raises(ValueError, match="integers only: a"):
+        check_modules([("a", _linear(64, type_="float"))])
+    with pytest.raises(ValueError, match="a: weights num_bits = 1 is outside 2-8"):
+        check_modules([("a", _linear(64, num_bits=1))])
     tensor = [("t", _linear(64, strategy="tensor"))]
-    check_refit_scales_fit(tensor, 0, "gptq", "observer")  # no refits: nothing asked
-    with pytest.raises(ValueError, match="base: gptq"):
-        check_refit_scales_fit(tensor, 2, "rtn", "observer")
-    with pytest.raises(ValueError, match="group_scales: observer"):
-        check_refit_scales_fit(tensor, 2, "gptq", "sweep")
+    check_modules(tensor)  # no refits, no tuning: nothing asked of the strategy
     with pytest.raises(ValueError, match="refit_scales needs the group or channel strategy: t"):
-        check_refit_scales_fit(tensor, 2, "gptq", "observer")
-    with pytest.raises(ValueError, match="block_tuning_epochs"):
-        check_block_tuning_fit(tensor, 1)
-    with pytest.raises(ValueError, match="block_tuning_epochs"):
+        check_modules(tensor, refit_scales=2)
+    with pytest.raises(ValueError, match="block_tuning_epochs tunes group or channel scales: t"):
         check_modules(tensor, block_tuning_epochs=1)
 
 
