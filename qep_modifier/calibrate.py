@@ -449,17 +449,7 @@ class CalibrationRun:
         tuning did not lower the layer's loss (:func:`keeps_tuning`): then the
         layer keeps what it had, and the summary says so."""
         block = _TunedBlock(layer, {module: self.names[module] for module in linears})
-        # one step per calibration batch, rank 0's batches first, then rank 1's, ...:
-        # the order of one process given the ranks' shards one after the other
-        counts = gather(self.calls.num_batches(layer))
-        step_owners = [owner for owner, count in enumerate(counts) for _ in range(count)]
-        # this rank's batches among those that measure whether tuning helped
-        first_step = sum(counts[: rank()])
-        checked = [
-            step - first_step
-            for step in checked_batches(len(step_owners), _TUNING_CHECK_BATCHES)
-            if step_owners[step] == rank()
-        ]
+        step_owners, checked = self._tuning_steps(layer)
         epochs = self.settings.block_tuning_epochs
         progress = tqdm(
             total=epochs * len(step_owners) + 2 * len(checked),
@@ -484,23 +474,10 @@ class CalibrationRun:
             """The mean loss over every rank's checked batches at the current
             parameters (a forward each, no step); the same on every rank."""
             with torch.no_grad():
-                losses = []
-                for position, call in enumerate(calls()):
-                    if position in checked:
-                        losses.append(loss(*call).item())
-                        progress.update(1)
-            return mean_loss([value for part in gather(losses) for value in part])
+                mine = [loss(*call).item() for position, call in enumerate(calls()) if position in checked]
+            progress.update(len(mine))
+            return mean_loss([value for part in gather(mine) for value in part])
 
-        # Whether tuning helped: the mean loss at the parameters it ends with against
-        # the mean loss before any step, on the same batches, each measured in a pass
-        # of its own (a forward per batch, no gradient). The losses the tuning passes
-        # see cannot stand in for either: each is measured before its own batch's
-        # step, at parameters that move from batch to batch, so only the first batch
-        # of the first pass sees the start, and with few batches the early steps
-        # weigh on a pass's mean while the parameters at its end are better (tiny
-        # Llama, 2 batches: 0.0016 before, 0.0017 during the pass, 0.0012 after).
-        # A paired comparison on up to 8 batches: the two passes cost about a third
-        # of a tuning epoch at 32 batches, all of one at 8.
         start_loss = checked_loss()
         owners = itertools.cycle(step_owners)
         history = tune(
@@ -514,18 +491,50 @@ class CalibrationRun:
         final_loss = checked_loss() if finite else math.nan
         progress.close()
         kept = bool(history) and keeps_tuning(start_loss, final_loss, finite)
+        self._keep_or_fall_back(layer, block, kept)
+        if history and rank() == 0:  # the same on every rank
+            logger.info(
+                f"QEP: {'tuned' if kept else 'kept the untuned'} "
+                f"{self.layer_names[layer]}: mean relative output error per token "
+                f"{start_loss:.4g} -> {final_loss:.4g} (during each epoch: "
+                + " -> ".join(f"{loss:.4g}" for loss in history) + ")"
+            )
+
+    def _tuning_steps(self, layer) -> tuple[list[int], list[int]]:
+        """Which rank holds each tuning step's batch, and which of this rank's
+        batches measure whether tuning helped.
+
+        One step per calibration batch, rank 0's batches first, then rank 1's,
+        ...: the order of one process given the ranks' shards one after the
+        other. Whether tuning helped is the mean loss at the parameters it ends
+        with against the mean loss before any step, on the same batches (up to
+        ``_TUNING_CHECK_BATCHES`` of them, spread over the steps), each measured
+        in a pass of its own. The losses the tuning passes see cannot stand in
+        for either: each is measured before its own batch's step, at parameters
+        that move from batch to batch, so only the first batch of the first pass
+        sees the start, and with few batches the early steps weigh on a pass's
+        mean while the parameters at its end are better (tiny Llama, 2 batches:
+        0.0016 before, 0.0017 during the pass, 0.0012 after). The two passes
+        cost about a third of a tuning epoch at 32 batches, all of one at 8."""
+        counts = gather(self.calls.num_batches(layer))
+        step_owners = [owner for owner, count in enumerate(counts) for _ in range(count)]
+        first_step = sum(counts[: rank()])
+        checked = [
+            step - first_step
+            for step in checked_batches(len(step_owners), _TUNING_CHECK_BATCHES)
+            if step_owners[step] == rank()
+        ]
+        return step_owners, checked
+
+    def _keep_or_fall_back(self, layer, block: "_TunedBlock", kept: bool) -> None:
+        """Write the tuned values back, or note that ``layer`` keeps its untuned
+        scales and norm weights (they were never written); then wait for every rank."""
         self.tuned_layers += 1
         if kept:
             block.write_back()
-        else:  # its scales and norm weights were never written: they stay
+        else:
             self.problems.note("tuning_fallback", self.layer_names[layer])
         barrier()  # every rank wrote the same values; none propagates before all have
-        if history and rank() == 0:  # the same on every rank
-            logger.info(
-                f"QEP: {'tuned' if kept else 'kept the untuned'} {self.layer_names[layer]}: "
-                f"mean relative output error per token {start_loss:.4g} -> {final_loss:.4g} "
-                "(during each epoch: " + " -> ".join(f"{loss:.4g}" for loss in history) + ")"
-            )
 
     def _warn_tuning_never_kept(self) -> None:
         """A learning rate with which no tuned layer got better: one warning."""
