@@ -134,8 +134,11 @@ def check_scheme(where: str, scheme, owner: str, refit_scales: int, block_tuning
             raise ValueError(f"{needs}: {where} has strategy {_value(weights.strategy)!r}")
 
 
-def check_observer_name(field: str, name: str | None) -> None:
-    """Raise one line when no observer is registered under ``name``."""
+def check_observer_name(where: str, name: str | None, weight_observer: str | None = None) -> None:
+    """Raise one line when no observer is registered under ``name`` (the
+    observer of the scheme ``where``; named ``weight_observer`` when that field
+    set it)."""
+    field = "weight_observer" if weight_observer == name else f"{where} weights observer"
     import difflib
 
     from llmcompressor.observers import Observer

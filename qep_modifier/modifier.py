@@ -17,7 +17,6 @@ import copy
 import difflib
 import enum
 import math
-import re
 from collections.abc import Mapping
 from typing import Literal
 
@@ -45,9 +44,8 @@ from qep_modifier.checks import (
 )
 from qep_modifier.distributed import check_distinct_shards
 from qep_modifier.strength import (
-    AUTO,
     DEFAULT_PROPAGATION_STRENGTH,
-    DEFAULT_STRENGTH_KEY,
+    check_propagation_strength,
     unmatched_patterns,
 )
 
@@ -255,30 +253,7 @@ class QEPModifier(GPTQModifier):
     @field_validator("propagation_strength", mode="before")
     @classmethod
     def _check_propagation_strength(cls, value):
-        items = value.items() if isinstance(value, Mapping) else [(None, value)]
-        for pattern, strength in items:
-            where = "" if pattern is None else f"[{pattern!r}]"
-            if strength == AUTO:
-                continue
-            if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-                raise ValueError(
-                    f"propagation_strength{where} must be a number in [0, 1] or "
-                    f"'auto', got {strength!r}"
-                )
-            if not 0.0 <= float(strength) <= 1.0:
-                raise ValueError(
-                    f"propagation_strength{where} = {strength} is outside the "
-                    "allowed range [0, 1]"
-                )
-            if pattern is not None and pattern != DEFAULT_STRENGTH_KEY:
-                try:
-                    re.compile(pattern)
-                except re.error as error:
-                    raise ValueError(
-                        f"propagation_strength pattern {pattern!r} is not a valid "
-                        f"regular expression: {error}"
-                    ) from error
-        return value
+        return check_propagation_strength(value)
 
     @field_validator("correction_damping", "block_tuning_learning_rate")
     @classmethod
@@ -370,9 +345,7 @@ class QEPModifier(GPTQModifier):
         for group, scheme in twin.resolve_quantization_config().config_groups.items():
             where = f"scheme {self.scheme!r}" if self.scheme is not None else f"config_groups.{group}"
             check_scheme(where, scheme, type(self).__name__, self.refit_scales, self.block_tuning_epochs)
-            observer = scheme.weights.observer
-            field = "weight_observer" if self.weight_observer == observer else f"{where} weights observer"
-            check_observer_name(field, observer)
+            check_observer_name(where, scheme.weights.observer, self.weight_observer)
         return self
 
     # ------------------------------------------------------------- lifecycle

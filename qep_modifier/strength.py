@@ -31,6 +31,7 @@ from qep_modifier.plan import expert_role
 from qep_modifier.statistics import LinearStatistics
 
 __all__ = [
+    "check_propagation_strength",
     "AUTO",
     "DEFAULT_PROPAGATION_STRENGTH",
     "DEFAULT_STRENGTH_KEY",
@@ -55,6 +56,36 @@ DEFAULT_PROPAGATION_STRENGTH: dict[str, float] = {
 }
 #: ``auto`` without batches on both sides of its split
 FALLBACK_STRENGTH = float(DEFAULT_PROPAGATION_STRENGTH[DEFAULT_STRENGTH_KEY])
+
+
+def check_propagation_strength(value):
+    """``value`` when it is a ``propagation_strength`` a recipe may set (a number
+    in [0, 1], ``auto``, or a mapping of valid regular expressions and
+    ``default`` to those), else ``ValueError`` in one line naming what is wrong."""
+    items = value.items() if isinstance(value, Mapping) else [(None, value)]
+    for pattern, strength in items:
+        where = "" if pattern is None else f"[{pattern!r}]"
+        if strength == AUTO:
+            continue
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+            raise ValueError(
+                f"propagation_strength{where} must be a number in [0, 1] or "
+                f"'auto', got {strength!r}"
+            )
+        if not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(
+                f"propagation_strength{where} = {strength} is outside the "
+                "allowed range [0, 1]"
+            )
+        if pattern is not None and pattern != DEFAULT_STRENGTH_KEY:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(
+                    f"propagation_strength pattern {pattern!r} is not a valid "
+                    f"regular expression: {error}"
+                ) from error
+    return value
 
 
 def resolve_propagation_strength(
