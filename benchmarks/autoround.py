@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -314,17 +313,8 @@ def main(argv=None):
             if cuda:
                 model = model.to("cuda")
             ppl = score(model, windows)
-            row = dict(
-                scheme="-" if method == "fp" else scheme,
-                method=method,
-                ppl=ppl,
-                gap_recovered=None,
-                calib_s=None if recipe is None else elapsed,
-                peak_rss_gib=None if recipe is None else memory.peak / 2**30,
-                rss_increase_gib=None if recipe is None else (memory.peak - memory.start) / 2**30,
-                note=note,
-                ppl_cross=None if cross is None else score(model, cross),
-            )
+            row = run.result_row(scheme, method, ppl, recipe is not None, elapsed, memory, note,
+                                 None if cross is None else score(model, cross))
             rows.append(row)
             seconds[kind(method)] = elapsed
             seconds[f"{scheme}:{method}"] = elapsed

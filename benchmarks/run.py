@@ -151,6 +151,21 @@ class PeakRSS:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
+def result_row(scheme, method, ppl, quantized, elapsed, memory, note, ppl_cross) -> dict:
+    """One table row; calibration time and memory only for a quantized model."""
+    return dict(
+        scheme="-" if method == "fp" else scheme,
+        method=method,
+        ppl=ppl,
+        gap_recovered=None,
+        calib_s=elapsed if quantized else None,
+        peak_rss_gib=memory.peak / 2**30 if quantized else None,
+        rss_increase_gib=(memory.peak - memory.start) / 2**30 if quantized else None,
+        note=note,
+        ppl_cross=ppl_cross,
+    )
+
+
 def fill_gap_recovered(rows: list[dict]) -> None:
     """Fill ``gap_recovered`` against stock GPTQ and FP of the same scheme."""
     from qep_modifier.workflow import gap_recovered
@@ -368,17 +383,8 @@ def main(argv=None) -> list[dict]:
             elapsed = time.perf_counter() - start
             ppl = score(model, windows)
             rows.append(
-                dict(
-                    scheme="-" if method == "fp" else scheme,
-                    method=method,
-                    ppl=ppl,
-                    gap_recovered=None,
-                    calib_s=None if recipe is None else elapsed,
-                    peak_rss_gib=None if recipe is None else memory.peak / 2**30,
-                    rss_increase_gib=None if recipe is None else (memory.peak - memory.start) / 2**30,
-                    note=row.note,
-                    ppl_cross=None if cross is None else score(model, cross),
-                )
+                result_row(scheme, method, ppl, recipe is not None, elapsed, memory, row.note,
+                           None if cross is None else score(model, cross))
             )
             print(f"RESULT {json.dumps(rows[-1])}", flush=True)
             if recipe is not None:
