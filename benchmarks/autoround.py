@@ -41,13 +41,11 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import time
 import traceback
 from pathlib import Path
 
-import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,8 +240,7 @@ def main(argv=None):
     header = (
         f"# {model_path.name}: AutoRoundModifier, GPTQModifier and QEP recipes side by side\n\n"
         f"Command: `{command}`  \n"
-        f"Machine: {platform.machine()}, {psutil.cpu_count()} CPU cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, {device_note}  \n"
+        f"Machine: {run.machine_line(device_note)}  \n"
         f"Calibration: {args.num_samples} x {args.seq_len} tokens of {args.calib.name} (seed {args.seed}); "
         f"evaluation: {windows.shape[0]} x {args.seq_len} tokens of {args.eval.name}"
         + ("" if cross is None else f"; ppl_cross: {cross.shape[0]} x {args.seq_len} of {args.cross_eval.name}")

@@ -151,6 +151,16 @@ class PeakRSS:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
+def machine_line(device: str | None = None) -> str:
+    """The table header's machine: processor, cores, memory, torch, device."""
+    if device is None:
+        device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.machine()}, {psutil.cpu_count()} CPU cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, {device}"
+    )
+
+
 def result_row(scheme, method, ppl, quantized, elapsed, memory, note, ppl_cross) -> dict:
     """One table row; calibration time and memory only for a quantized model."""
     return dict(
@@ -354,9 +364,7 @@ def main(argv=None) -> list[dict]:
     header = (
         f"# {model_path.name}: QEP / FOEM / GPTQModifier\n\n"
         f"Command: `{command}`  \n"
-        f"Machine: {platform.machine()}, {psutil.cpu_count()} CPU cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, "
-        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}  \n"
+        f"Machine: {machine_line()}  \n"
         f"Calibration: {args.num_samples} x {args.seq_len} tokens of {args.calib.name} (seed {args.seed}); "
         f"evaluation: {windows.shape[0]} x {args.seq_len} tokens of {args.eval.name}"
         + ("" if cross is None else f"; ppl_cross: {cross.shape[0]} x {args.seq_len} of {args.cross_eval.name}")
