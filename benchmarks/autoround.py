@@ -4,7 +4,7 @@
         --output benchmarks/results/runs/autoround-h200.md --deadline 500
 
 The protocol and the table are benchmarks/run.py's (same windows, same seed, same columns; the
-methods of run.METHODS plus the AutoRound ones below). Rows run one after another in this
+methods are benchmarks/methods.yaml's rows, the AutoRound ones included). Rows run one after another in this
 process, each on a model freshly loaded from disk; a row that raises is recorded as failed and
 the next one runs. Differences from run.py:
 
@@ -54,24 +54,6 @@ sys.path.insert(0, os.environ.get("BENCH_RUN_DIR", str(Path(__file__).resolve().
 import run  # noqa: E402
 
 
-class Row:
-    """A method as the driver uses it: ``build(weights)`` -> modifiers (None: full precision),
-    ``oneshot`` keywords, ``note``, ``scheme`` (the only grid it runs under, or None)."""
-
-    def __init__(self, build, note, oneshot=None, scheme=None):
-        self._build, self.note, self.oneshot, self.scheme = build, note, dict(oneshot or {}), scheme
-
-    def build(self, weights):
-        return self._build(weights)
-
-
-def method_row(name: str) -> Row:
-    if name in AUTOROUND_METHODS:
-        return AUTOROUND_METHODS[name]
-    method = run.METHODS[name]
-    return Row(method.build, method.note, method.oneshot, method.scheme)
-
-
 def zero_point_fixed_modifier_class():
     from llmcompressor.modifiers.autoround import AutoRoundModifier
 
@@ -116,34 +98,24 @@ def zero_point_fixed_modifier_class():
     return AutoRoundModifier
 
 
-def _autoround(fixed=False, **fields):
-    def build(weights, **_):
-        from llmcompressor.modifiers.autoround import AutoRoundModifier
-
-        cls = zero_point_fixed_modifier_class() if fixed else AutoRoundModifier
-        settings = dict(enable_torch_compile=False)
-        settings.update(fields)
-        if os.environ.get("AUTOROUND_TEST_ITERS"):  # smoke tests only: a tiny budget
-            settings["iters"] = int(os.environ["AUTOROUND_TEST_ITERS"])
-        groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
-        return cls(targets="Linear", ignore=["lm_head"], config_groups=groups, **settings)
-
-    return build
+run.BENCHMARK_MODIFIERS["AutoRoundModifierZeroPointsFixed"] = zero_point_fixed_modifier_class
 
 
-AUTOROUND_METHODS = {
-    "autoround": Row(_autoround(), "AutoRoundModifier, iters 200, batch 8 (defaults), torch.compile off"),
-    "autoround_compile": Row(
-        _autoround(enable_torch_compile=True), "AutoRoundModifier, iters 200, batch 8, torch.compile on (its default)"
-    ),
-    "autoround_i50_b2": Row(_autoround(iters=50, batch_size=2), "AutoRoundModifier, iters 50, batch 2, torch.compile off"),
-    "autoround_zpfix": Row(
-        _autoround(fixed=True), "AutoRoundModifier with its zero points passed on (fix), iters 200, batch 8, compile off"
-    ),
-    "autoround_zpfix_i50_b2": Row(
-        _autoround(fixed=True, iters=50, batch_size=2), "AutoRoundModifier, zero points fixed, iters 50, batch 2"
-    ),
-}
+def autoround_method(note: str, **fields) -> "run.Method":
+    """A methods.yaml-shaped row of AutoRoundModifier with ``fields`` (torch.compile off)."""
+    return run.Method("autoround_custom", note, [{"AutoRoundModifier": {"enable_torch_compile": False, **fields}}])
+
+
+def build(method: "run.Method", weights: dict):
+    """The method's modifiers; ``AUTOROUND_TEST_ITERS`` (smoke tests only) shrinks AutoRound's
+    iterations to a tiny budget."""
+    modifiers = method.build(weights)
+    if modifiers and os.environ.get("AUTOROUND_TEST_ITERS"):
+        for modifier in modifiers:
+            if type(modifier).__name__ == "AutoRoundModifier":
+                modifier.iters = int(os.environ["AUTOROUND_TEST_ITERS"])
+    return modifiers
+
 
 #: what autoround_eqtime matches: our recipe per scheme
 EQTIME_REFERENCE = {"w3g64": "spinquant_qep_refit2_tuned1", "w3g64a": "spinquant_qep_refit3_tuned1"}
@@ -178,10 +150,10 @@ def warm_up(device_note: str) -> None:
     data = token_dataset(4, 64, 0)
     start = time.perf_counter()
     for method in ("gptq_best", "spinquant_qep_refit2_tuned1", "autoround_i50_b2"):
-        row = method_row(method)
-        recipe = row.build(run.SCHEMES["w3g64"])
+        row = run.METHODS[method]
         if method.startswith("autoround"):
-            recipe = _autoround(iters=2, batch_size=2)(run.SCHEMES["w3g64"])
+            row = autoround_method("warm-up", iters=2, batch_size=2)
+        recipe = build(row, run.SCHEMES["w3g64"])
         try:
             model = quantize(folder, recipe, data, **row.oneshot)
             del model
@@ -216,7 +188,7 @@ def main(argv=None):
         scheme, _, method = item.partition(":")
         if method == "":
             scheme, method = "-", scheme
-        if method != "autoround_eqtime" and method not in run.METHODS and method not in AUTOROUND_METHODS:
+        if method != "autoround_eqtime" and method not in run.METHODS:
             parser.error(f"unknown method {method}")
         if method != "fp" and scheme not in run.SCHEMES:
             parser.error(f"unknown scheme {scheme}")
@@ -272,9 +244,12 @@ def main(argv=None):
                     skipped.append(f"{scheme}:{method} (not needed)")
                     continue
             estimate = (default or 0.0) * iters / 200
-            row = Row(_autoround(iters=iters), f"AutoRoundModifier, iters {iters} (time of {EQTIME_REFERENCE.get(scheme)}), batch 8, compile off")
+            row = autoround_method(
+                f"AutoRoundModifier, iters {iters} (time of {EQTIME_REFERENCE.get(scheme)}), batch 8, compile off",
+                iters=iters,
+            )
         else:
-            row = method_row(method)
+            row = run.METHODS[method]
             if row.scheme is not None and row.scheme != scheme:
                 print(f"SKIP {scheme} {method}: written for {row.scheme}", flush=True)
                 skipped.append(f"{scheme}:{method} (scheme)")
@@ -290,7 +265,7 @@ def main(argv=None):
                 torch.cuda.synchronize()
             start = time.perf_counter()
             with run.PeakRSS() as memory:
-                recipe = None if method == "fp" else row.build(run.SCHEMES[scheme])
+                recipe = None if method == "fp" else build(row, run.SCHEMES[scheme])
                 if recipe is None:
                     model = load_causal_lm(model_path)
                 else:

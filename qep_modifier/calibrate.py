@@ -42,13 +42,16 @@ import torch
 from compressed_tensors.offload import disable_offloading
 from compressed_tensors.utils import (
     get_execution_device,
+    match_named_modules,
     patch_attr,
     update_offload_parameter,
 )
 from loguru import logger
 from tqdm import tqdm
 
+from llmcompressor.core import active_session
 from llmcompressor.modifiers.gptq.helpers import assign_batches
+from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from qep_modifier.block_tuning import (
     DEFAULT_LEARNING_RATE,
@@ -631,3 +634,51 @@ class _TunedBlock:
             for norm, norm_gain in self.norms.items():
                 weight = self.norm_weights[norm] * norm_gain
                 update_offload_parameter(norm, "weight", weight.to(norm.weight.dtype))
+
+
+@dataclass(frozen=True)
+class DecoderLayers:
+    """The model's decoder layers (the sequential targets), resolved once at
+    ``on_initialize``: each layer's name and each target Linear's layer."""
+
+    layers: list[torch.nn.Module]
+    names: Mapping[torch.nn.Module, str]
+    layer_of: Mapping[torch.nn.Module, torch.nn.Module]
+
+    @classmethod
+    def find(
+        cls, model: torch.nn.Module, sequential_targets, module_names: Mapping[torch.nn.Module, str]
+    ) -> "DecoderLayers":
+        sequential_targets = infer_sequential_targets(model, sequential_targets)
+        named_layers = list(match_named_modules(model, sequential_targets))
+        layers = [layer for _, layer in named_layers]
+        if any(layer in module_names for layer in layers):
+            raise ValueError(
+                f"QEPModifier needs sequential targets that contain the Linears it "
+                f"quantizes (decoder layers); sequential_targets={sequential_targets} "
+                "matches target modules themselves"
+            )
+        layer_of = {
+            module: layer for layer in layers for module in layer.modules() if module in module_names
+        }
+        return cls(layers, {layer: name for name, layer in named_layers}, layer_of)
+
+
+def calibration_output_unread(modifier, outside: list[torch.nn.Module]) -> bool:
+    """Whether nothing but ``modifier`` reads the pipeline's calibration pass, so
+    that the layers may compute only its first batch (QEP records the calls and
+    runs the layers itself; the pipeline throws that pass's output away).
+
+    Not when another modifier of the recipe calibrates (modifiers that need no
+    calibration data, such as SpinQuant's fused rotations, read nothing), when a
+    quantized module lies outside every layer (a quantized ``lm_head`` reads the
+    last layer's calibration output), or with a KV-cache scheme.
+    """
+    if outside or getattr(modifier, "kv_cache_scheme", None) is not None:
+        return False
+    recipe = getattr(active_session().lifecycle, "recipe", None)
+    modifiers = getattr(recipe, "modifiers", None) or []
+    return all(
+        other is modifier or not getattr(other, "requires_calibration_data", True)
+        for other in modifiers
+    )

@@ -21,18 +21,21 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
-from compressed_tensors.utils import match_named_modules, patch_attr
-from loguru import logger
+from compressed_tensors.utils import patch_attr
 from pydantic import PrivateAttr, field_validator, model_serializer, model_validator
 
-from llmcompressor.core import Event, State, active_session
+from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
-from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from qep_modifier.block_tuning import DEFAULT_LEARNING_RATE
-from qep_modifier.calibrate import CalibrationRun, RunSummary
+from qep_modifier.calibrate import (
+    CalibrationRun,
+    DecoderLayers,
+    RunSummary,
+    calibration_output_unread,
+)
 from qep_modifier.checks import (
     NonFiniteWeights,
     check_calibration_size,
@@ -46,7 +49,7 @@ from qep_modifier.distributed import check_distinct_shards
 from qep_modifier.strength import (
     DEFAULT_PROPAGATION_STRENGTH,
     check_propagation_strength,
-    unmatched_patterns,
+    warn_unmatched_patterns,
 )
 
 __all__ = ["QEPModifier", "FOEMModifier", "NonFiniteWeights", "DEFAULT_PROPAGATION_STRENGTH"]
@@ -62,6 +65,13 @@ _FLOAT_RANGES = {
     "block_tuning_learning_rate": "> 0",
     "first_order_strength": ">= 0",
     "dampening_frac": ">= 0",
+}
+
+# the whole-number fields: least value allowed, what the number counts
+_WHOLE_NUMBERS = {
+    "block_size": (1, "columns the GPTQ sweep updates at once; default 128"),
+    "refit_scales": (0, "refits per module"),
+    "block_tuning_epochs": (0, "passes over the calibration batches per layer"),
 }
 
 
@@ -136,16 +146,12 @@ class QEPModifier(GPTQModifier):
         the Linears just quantized and the layer's RMSNorm weights, so that the
         layer's output on the quantized stream matches the full-precision layer's
         output on the full-precision stream, per token relative to the token's
-        size (:func:`~qep_modifier.block_tuning.token_relative_error`). 0: no
-        tuning, as GPTQModifier. The checkpoint has the same format (scales and
-        norm weights change). Each pass costs about three forwards of the layer
-        per batch. Under torch.distributed the steps run in one order on every
-        rank (rank 0's batches, then rank 1's, ...), each batch's gradients sent
-        from the rank that holds it, so the result is one process's on the ranks'
-        shards in rank order; group or channel strategy. A layer whose loss,
-        measured on up to 8 batches before the first step and after the last,
-        did not go down (or is not finite) keeps its untuned scales and norm
-        weights (the summary at the end names it)
+        size (:func:`~qep_modifier.block_tuning.token_relative_error`); about
+        three forwards of the layer per batch and pass. 0: no tuning. Same
+        checkpoint format; group or channel strategy. A layer whose loss on up to
+        8 batches did not go down keeps its untuned scales and norms (the summary
+        names it). Under torch.distributed the result is one process's on the
+        ranks' shards in rank order (docs/distributed.md)
     :param block_tuning_learning_rate: Adam's learning rate for block tuning, > 0
         (scales are tuned as ``scale * exp(gain)``, norm weights through a gain
         on the norm's output)
@@ -184,9 +190,7 @@ class QEPModifier(GPTQModifier):
     report_errors: bool = False
 
 
-    _layers: list[torch.nn.Module] = PrivateAttr(default_factory=list)
-    _layer_names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
-    _layer_of: dict[torch.nn.Module, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _decoder: DecoderLayers | None = PrivateAttr(default=None)
     # the state of the calibration run (None outside calibration), and what the
     # last finished run left
     _run: CalibrationRun | None = PrivateAttr(default=None)
@@ -255,37 +259,21 @@ class QEPModifier(GPTQModifier):
     def _check_propagation_strength(cls, value):
         return check_propagation_strength(value)
 
-    @field_validator("correction_damping", "block_tuning_learning_rate")
+    @field_validator(*(name for name in _FLOAT_RANGES if name != "dampening_frac"))
     @classmethod
-    def _check_positive(cls, value, info):
-        if not value > 0:
-            raise ValueError(f"{info.field_name} must be > 0, got {value}")
+    def _check_range(cls, value, info):
+        allowed = _FLOAT_RANGES[info.field_name]
+        if not (value > 0 if allowed == "> 0" else value >= 0):
+            raise ValueError(f"{info.field_name} must be {allowed}, got {value}")
         return value
 
-    @field_validator("first_order_strength")
+    @field_validator(*_WHOLE_NUMBERS, mode="before")
     @classmethod
-    def _check_first_order_strength(cls, value):
-        if not value >= 0:
-            raise ValueError(f"first_order_strength must be >= 0, got {value}")
-        return value
-
-    @field_validator("refit_scales", "block_tuning_epochs", mode="before")
-    @classmethod
-    def _check_counts(cls, value, info):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            what = {"refit_scales": "refits per module", "block_tuning_epochs": "passes over the calibration batches per layer"}
+    def _check_whole_number(cls, value, info):
+        least, what = _WHOLE_NUMBERS[info.field_name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(
-                f"{info.field_name} must be a whole number >= 0 ({what[info.field_name]}), got {value!r}"
-            )
-        return value
-
-    @field_validator("block_size", mode="before")
-    @classmethod
-    def _check_block_size(cls, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"block_size must be a whole number >= 1 (columns the GPTQ sweep updates "
-                f"at once; default 128), got {value!r}"
+                f"{info.field_name} must be a whole number >= {least} ({what}), got {value!r}"
             )
         return value
 
@@ -365,25 +353,11 @@ class QEPModifier(GPTQModifier):
             max((module.weight.shape[1] for module in self._module_names), default=0),
         )
 
-        sequential_targets = infer_sequential_targets(
-            state.model, kwargs.get("sequential_targets")
+        self._decoder = DecoderLayers.find(
+            state.model, kwargs.get("sequential_targets"), self._module_names
         )
-        named_layers = list(match_named_modules(state.model, sequential_targets))
-        self._layers = [layer for _, layer in named_layers]
-        self._layer_names = {layer: name for name, layer in named_layers}
-        if any(layer in self._module_names for layer in self._layers):
-            raise ValueError(
-                f"QEPModifier needs sequential targets that contain the Linears it "
-                f"quantizes (decoder layers); sequential_targets={sequential_targets} "
-                "matches target modules themselves"
-            )
-        self._layer_of = {
-            module: layer
-            for layer in self._layers
-            for module in layer.modules()
-            if module in self._module_names
-        }
-        self._warn_unmatched_patterns()
+        if "propagation_strength" in self.model_fields_set:  # the default fits any model
+            warn_unmatched_patterns(self.propagation_strength, self._module_names.values())
         return True
 
     def check_modules(self, named_modules, model: torch.nn.Module | None = None) -> None:
@@ -405,16 +379,17 @@ class QEPModifier(GPTQModifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         QuantizationMixin.start_calibration(self, state.model)
         fields = {name: getattr(self, name) for name in type(self).model_fields}
+        decoder = self._decoder
         self._run = run = CalibrationRun.start(
-            self, self._layers, self._layer_names, self._layer_of, self._module_names, fields
+            self, decoder.layers, decoder.names, decoder.layer_of, self._module_names, fields
         )
-        for layer in self._layers:
+        for layer in decoder.layers:
             self.register_hook(layer, run.calls.record, "forward_pre", with_kwargs=True)
-        outside = [module for module in run.targets if module not in self._layer_of]
+        outside = [module for module in run.targets if module not in decoder.layer_of]
         for module in outside:
             self.register_hook(module, run.accumulate_outside, "forward_pre")
-        if self._calibration_output_unread(outside):
-            for layer in self._layers:
+        if calibration_output_unread(self, outside):
+            for layer in decoder.layers:
                 run.skipped.install(layer)
 
     def on_sequential_epoch_end(
@@ -439,36 +414,6 @@ class QEPModifier(GPTQModifier):
             self._summary = self._run.summarise()
         self._run = None
         return super().on_finalize(state, **kwargs)
-
-    # --------------------------------------------------------------- helpers
-    def _calibration_output_unread(self, outside: list[torch.nn.Module]) -> bool:
-        """Whether nothing but QEP reads the pipeline's calibration pass, so that
-        the layers may compute only its first batch (QEP records the calls and
-        runs the layers itself; the pipeline throws that pass's output away).
-
-        Not when another modifier of the recipe calibrates (modifiers that need no
-        calibration data, such as SpinQuant's fused rotations, read nothing), when
-        a quantized module lies outside every layer (a quantized ``lm_head``
-        reads the last layer's calibration output), or with a KV-cache scheme.
-        """
-        if outside or getattr(self, "kv_cache_scheme", None) is not None:
-            return False
-        recipe = getattr(active_session().lifecycle, "recipe", None)
-        modifiers = getattr(recipe, "modifiers", None) or []
-        return all(
-            modifier is self or not getattr(modifier, "requires_calibration_data", True)
-            for modifier in modifiers
-        )
-
-    def _warn_unmatched_patterns(self):
-        if "propagation_strength" not in self.model_fields_set:
-            return  # the default mapping is written for any model
-        unmatched = unmatched_patterns(self.propagation_strength, self._module_names.values())
-        if unmatched:
-            logger.warning(
-                "QEP: propagation_strength patterns match no target module: "
-                + ", ".join(repr(pattern) for pattern in unmatched)
-            )
 
 
 class FOEMModifier(QEPModifier):

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from loguru import logger
 
 from qep_modifier.correction import choose_strength
 from qep_modifier.distributed import gather, rank
@@ -117,6 +118,18 @@ def unmatched_patterns(strength, names: Iterable[str]) -> list[str]:
         for pattern in strength
         if pattern != DEFAULT_STRENGTH_KEY and not any(re.search(pattern, name) for name in names)
     ]
+
+
+def warn_unmatched_patterns(strength, names: Iterable[str]) -> None:
+    """One warning naming the ``propagation_strength`` patterns that match no
+    target module (a misspelled pattern would silently leave its modules at the
+    default)."""
+    unmatched = unmatched_patterns(strength, names)
+    if unmatched:
+        logger.warning(
+            "QEP: propagation_strength patterns match no target module: "
+            + ", ".join(repr(pattern) for pattern in unmatched)
+        )
 
 
 def held_out_split(digests_by_rank: list[list[str]], this_rank: int) -> list[bool]:

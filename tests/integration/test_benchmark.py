@@ -14,10 +14,12 @@ from tests.models import REPO
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("benchmark_run", REPO / "benchmarks" / "run.py")
+    """benchmarks/run.py as benchmarks/autoround.py loads it: with the modifier classes only the
+    benchmarks define (AutoRoundModifierZeroPointsFixed) registered."""
+    spec = importlib.util.spec_from_file_location("benchmark_autoround", REPO / "benchmarks" / "autoround.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return module.run
 
 
 def test_harness_writes_a_finite_table(tmp_path):
@@ -78,13 +80,17 @@ def _digest(modifiers, oneshot) -> str:
 def test_methods_build_the_modifiers_they_were_defined_with():
     """benchmark_methods.json: per scheme and method, a digest of the modifiers (``model_dump``)
     and extra oneshot keywords that run.py's METHODS dict built before the methods moved to
-    benchmarks/methods.yaml (commit 2572048); every old name still builds exactly those."""
+    benchmarks/methods.yaml (commit 2572048), and the AutoRound rows benchmarks/autoround.py built in
+code before they became rows too (commit e57dfd2); every old name still builds exactly those."""
     harness = _harness()
     expected = json.loads((Path(__file__).with_name("benchmark_methods.json")).read_text())
     for scheme, methods in expected.items():
         for name, digest in methods.items():
             method = harness.METHODS[name]
-            assert _digest(method.build(harness.SCHEMES[scheme]), method.oneshot) == digest, (scheme, name)
+            modifiers = method.build(harness.SCHEMES[scheme])
+            assert _digest(modifiers, method.oneshot) == digest, (scheme, name)
+            if "zpfix" in name:  # the same fields, on the class that passes zero points on
+                assert type(modifiers[0]).__qualname__ == "AutoRoundModifier (zero points fixed)"
 
 
 def test_every_shipped_recipe_is_a_method_on_its_grid():
