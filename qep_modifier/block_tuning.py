@@ -36,6 +36,7 @@ import torch
 __all__ = [
     "DEFAULT_LEARNING_RATE", "OffGrid", "checked_batches", "column_groups", "dequantized_weight", "gained", "grid_codes",
     "keeps_tuning", "latent_codes", "linear_decay", "mean_loss", "rounded_codes", "scales_with_weight", "token_relative_error", "tune",
+    "unrounded_codes",
 ]
 
 #: ``block_tuning_learning_rate``'s default: Adam's step on the log-scale gains
@@ -64,6 +65,18 @@ def column_groups(in_features: int, scale: torch.Tensor, g_idx: torch.Tensor | N
     return torch.arange(in_features, device=scale.device) // (in_features // groups)
 
 
+def unrounded_codes(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    groups: torch.Tensor,
+) -> torch.Tensor:
+    """``weight / scale + zero_point`` per column's group, in float32: a weight's
+    codes before rounding (on a zero scale: not finite)."""
+    scale_columns = scale[:, groups].to(torch.float32)
+    return weight.to(torch.float32) / scale_columns + zero_point[:, groups].to(torch.float32)
+
+
 def grid_codes(
     weight: torch.Tensor,
     scale: torch.Tensor,
@@ -75,10 +88,9 @@ def grid_codes(
     dtype): ``weight / scale + zero_point`` per column's group, rounded. Raises
     :class:`OffGrid` when a code is more than ``tolerance`` from an integer
     (bfloat16 weights sit up to a few hundredths of a step off)."""
-    scale_columns = scale[:, groups].to(torch.float32)
-    codes = weight.to(torch.float32) / scale_columns + zero_point[:, groups].to(torch.float32)
+    codes = unrounded_codes(weight, scale, zero_point, groups)
     rounded = codes.round()
-    finite = scale_columns != 0
+    finite = scale[:, groups] != 0
     off = ((codes - rounded).abs() * finite).max().item() if codes.numel() else 0.0
     if off > tolerance:
         raise OffGrid(f"weight is {off:.3f} of a step off its grid")
@@ -119,7 +131,9 @@ def latent_codes(codes: torch.Tensor, unrounded: torch.Tensor) -> torch.Tensor:
     """Where tuning starts a Linear's latent codes: its integer ``codes`` plus
     what rounding the sweep's ``unrounded`` codes threw away, held within half
     a step, so the rounded start is exactly ``codes`` (also where the clamp to
-    the range moved a code by more than half a step)."""
+    the range moved a code by more than half a step); a code without a finite
+    unrounded one starts at itself."""
+    unrounded = torch.where(torch.isfinite(unrounded), unrounded, codes)  # a zero scale's column
     return codes + (unrounded - codes).clamp(-_LATENT_REACH, _LATENT_REACH)
 
 
