@@ -578,10 +578,12 @@ class CalibrationRun:
             else f"did not help here (the default is {DEFAULT_LEARNING_RATE}; "
             "block_tuning_epochs: 0 turns tuning off)"
         )
+        code_rate = self.settings.block_tuning_code_learning_rate
+        codes = f" (with block_tuning_code_learning_rate: {code_rate}, also try a smaller one)" if code_rate > 0 else ""
         logger.warning(
             f"QEP: block tuning lowered the output error of none of the "
             f"{self.tuned_layers} tuned layer(s), so all kept their untuned scales and "
-            f"norm weights: block_tuning_learning_rate: {rate} {advice}"
+            f"norm weights: block_tuning_learning_rate: {rate} {advice}{codes}"
         )
 
     # ----------------------------------------------------------------- end
