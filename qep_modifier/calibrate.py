@@ -505,7 +505,7 @@ class CalibrationRun:
         start_loss = checked_loss()
         owners = itertools.cycle(step_owners)
         rate, decaying = self.settings.block_tuning_learning_rate, None
-        if code_rate > 0:  # one rate per parameter; the codes' falling linearly to 0
+        if code_rate > 0:  # one rate per parameter; the codes' rate falls linearly to 0
             codes = block.code_flags()
             rate = [code_rate if is_code else rate for is_code in codes]
             decaying = (codes, len(step_owners))
