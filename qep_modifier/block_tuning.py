@@ -11,6 +11,14 @@ attention and activation functions in between). Everything it changes is
 stored in the checkpoint as before: scales, norm weights; nothing to run at
 serving time.
 
+With ``block_tuning_code_learning_rate > 0`` the codes move too: each Linear
+gets a latent float code per weight, started at the GPTQ sweep's codes plus
+the part of the sweep's unrounded weight that rounding threw away, and the
+weight during tuning is ``(rounded_codes(latent) - zero_point) * scale``,
+rounded in the forward and passed straight through in the backward
+(:func:`rounded_codes`). The final codes are the rounded latent, stored as
+any GPTQ codes.
+
 The pure pieces live here (tested without models): a Linear's column groups,
 its integer codes, the weight from codes and tuned scales, and the Adam loop.
 The run loop runs the layer (:meth:`qep_modifier.calibrate.CalibrationRun.tune_layer`).
@@ -21,17 +29,24 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 
 import torch
 
 __all__ = [
     "DEFAULT_LEARNING_RATE", "OffGrid", "checked_batches", "column_groups", "dequantized_weight", "gained", "grid_codes",
-    "keeps_tuning", "mean_loss", "scales_with_weight", "token_relative_error", "tune",
+    "keeps_tuning", "latent_codes", "linear_decay", "mean_loss", "rounded_codes", "scales_with_weight", "token_relative_error", "tune",
+    "unrounded_codes",
 ]
 
 #: ``block_tuning_learning_rate``'s default: Adam's step on the log-scale gains
 #: and the norms' output gains
 DEFAULT_LEARNING_RATE = 0.005
+
+
+#: how far from its code a latent code starts (under half a step, so that it
+#: rounds to the code whichever way ties go)
+_LATENT_REACH = 0.499
 
 
 class OffGrid(ValueError):
@@ -50,6 +65,18 @@ def column_groups(in_features: int, scale: torch.Tensor, g_idx: torch.Tensor | N
     return torch.arange(in_features, device=scale.device) // (in_features // groups)
 
 
+def unrounded_codes(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    groups: torch.Tensor,
+) -> torch.Tensor:
+    """``weight / scale + zero_point`` per column's group, in float32: a weight's
+    codes before rounding (on a zero scale: not finite)."""
+    scale_columns = scale[:, groups].to(torch.float32)
+    return weight.to(torch.float32) / scale_columns + zero_point[:, groups].to(torch.float32)
+
+
 def grid_codes(
     weight: torch.Tensor,
     scale: torch.Tensor,
@@ -61,10 +88,9 @@ def grid_codes(
     dtype): ``weight / scale + zero_point`` per column's group, rounded. Raises
     :class:`OffGrid` when a code is more than ``tolerance`` from an integer
     (bfloat16 weights sit up to a few hundredths of a step off)."""
-    scale_columns = scale[:, groups].to(torch.float32)
-    codes = weight.to(torch.float32) / scale_columns + zero_point[:, groups].to(torch.float32)
+    codes = unrounded_codes(weight, scale, zero_point, groups)
     rounded = codes.round()
-    finite = scale_columns != 0
+    finite = scale[:, groups] != 0
     off = ((codes - rounded).abs() * finite).max().item() if codes.numel() else 0.0
     if off > tolerance:
         raise OffGrid(f"weight is {off:.3f} of a step off its grid")
@@ -80,6 +106,35 @@ def dequantized_weight(
     """``(codes - zero_point) * scale``, each column with its group's scale and
     zero point; differentiable in ``scale``."""
     return (codes - zero_point[:, groups].to(scale.dtype)) * scale[:, groups]
+
+
+class _RoundedStraightThrough(torch.autograd.Function):
+    """``clamp(round(x), lowest, highest)`` forward, the identity backward."""
+
+    @staticmethod
+    def forward(ctx, latent, lowest, highest):
+        return latent.round().clamp(lowest, highest)
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return gradient, None, None
+
+
+def rounded_codes(latent: torch.Tensor, lowest: float, highest: float) -> torch.Tensor:
+    """Latent float codes rounded to integers and clamped to ``[lowest,
+    highest]`` (the scheme's range), with the straight-through estimator: the
+    gradient passes to ``latent`` unchanged, as if there were no rounding."""
+    return _RoundedStraightThrough.apply(latent, lowest, highest)
+
+
+def latent_codes(codes: torch.Tensor, unrounded: torch.Tensor) -> torch.Tensor:
+    """Where tuning starts a Linear's latent codes: its integer ``codes`` plus
+    what rounding the sweep's ``unrounded`` codes threw away, held within half
+    a step, so the rounded start is exactly ``codes`` (also where the clamp to
+    the range moved a code by more than half a step); a code without a finite
+    unrounded one starts at itself."""
+    unrounded = torch.where(torch.isfinite(unrounded), unrounded, codes)  # a zero scale's column
+    return codes + (unrounded - codes).clamp(-_LATENT_REACH, _LATENT_REACH)
 
 
 def token_relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -98,8 +153,9 @@ def tune(
     parameters: list[torch.Tensor],
     batch_losses: Callable[[], Iterable[torch.Tensor | None]],
     epochs: int,
-    learning_rate: float,
+    learning_rate: float | Sequence[float],
     share: Callable[[list[torch.Tensor], torch.Tensor | None], float] | None = None,
+    decaying: tuple[Sequence[bool], int] | None = None,
 ) -> list[float]:
     """Adam on ``parameters``: one step per loss that ``batch_losses()`` yields,
     ``epochs`` times over. Each loss is computed only when the loop asks for it,
@@ -107,10 +163,33 @@ def tune(
     processes), a process yields ``None`` for a step another one computes, and
     ``share(parameters, loss)``, called after every step's backward, leaves that
     step's gradients on every process and returns its loss. Returns each
-    epoch's mean loss (measured during the epoch)."""
+    epoch's mean loss (measured during the epoch).
+
+    ``learning_rate``: one rate for all, or one per parameter (each its own
+    Adam parameter group). ``decaying=(flags, steps_per_epoch)``: the flagged
+    parameters' rates fall linearly to 0 over the ``epochs * steps_per_epoch``
+    steps (step ``k`` runs at ``rate * (1 - k / steps)``); the others keep
+    theirs."""
     if epochs <= 0 or not parameters:
         return []
-    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    if isinstance(learning_rate, (int, float)):
+        optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    else:
+        if len(learning_rate) != len(parameters):
+            raise ValueError(f"{len(learning_rate)} learning rates for {len(parameters)} parameters")
+        optimizer = torch.optim.Adam(
+            [{"params": [parameter], "lr": rate} for parameter, rate in zip(parameters, learning_rate)]
+        )
+    schedule = None
+    if decaying is not None:
+        flags, steps_per_epoch = decaying
+        if len(flags) != len(parameters):
+            raise ValueError(f"{len(flags)} decay flags for {len(parameters)} parameters")
+        steps = epochs * steps_per_epoch
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            [partial(linear_decay, steps=steps) if flag else _constant for flag in flags],
+        )
     history = []
     with torch.enable_grad():  # also under a caller's no_grad (calibration runs in one)
         for _ in range(epochs):
@@ -122,9 +201,21 @@ def tune(
                     loss.backward()
                 value = loss.item() if share is None else share(parameters, loss)
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 total, count = total + value, count + 1
             history.append(total / max(count, 1))
     return history
+
+
+def linear_decay(step: int, steps: int) -> float:
+    """The factor on a decaying learning rate at ``step`` of ``steps``: 1 at
+    the first, falling linearly to 0 after the last (never below)."""
+    return max(0.0, 1.0 - step / steps) if steps > 0 else 1.0
+
+
+def _constant(step: int) -> float:
+    return 1.0
 
 
 def checked_batches(count: int, most: int) -> list[int]:

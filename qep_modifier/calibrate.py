@@ -24,8 +24,9 @@ llm-compressor's sequential pipeline hands over. Data flows one way:
    between refits (:class:`~qep_modifier.quantize.GroupQuantizer`). Each unit
    of modules gets one owner rank, which quantizes it and publishes the result.
 6. **tune** (``block_tuning_epochs``): Adam on the layer's group scales and
-   norm weights against the full-precision layer's output
-   (:mod:`qep_modifier.block_tuning`).
+   norm weights against the full-precision layer's output, and on latent codes
+   started from the sweep's unrounded weights with
+   ``block_tuning_code_learning_rate`` (:mod:`qep_modifier.block_tuning`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from functools import partial
 
 import torch
 from compressed_tensors.offload import disable_offloading
+from compressed_tensors.quantization.utils import calculate_range
 from compressed_tensors.utils import (
     get_execution_device,
     match_named_modules,
@@ -62,7 +64,9 @@ from qep_modifier.block_tuning import (
     gained,
     grid_codes,
     keeps_tuning,
+    latent_codes,
     mean_loss,
+    rounded_codes,
     scales_with_weight,
     token_relative_error,
     tune,
@@ -81,6 +85,7 @@ from qep_modifier.distributed import (
     barrier,
     gather,
     publish,
+    publish_values,
     rank,
     reduce_statistics,
     share_step,
@@ -118,6 +123,7 @@ class RunSettings:
     report_errors: bool
     block_tuning_epochs: int
     block_tuning_learning_rate: float
+    block_tuning_code_learning_rate: float
     batched_quantization: bool
     block_size: int
 
@@ -164,6 +170,9 @@ class CalibrationRun:
     report: ErrorReport = field(default_factory=ErrorReport)
     # block tuning: layers tuned (each kept its tuning, or is noted "tuning_fallback")
     tuned_layers: int = 0
+    # block tuning with code learning: each swept Linear's codes before rounding,
+    # from its quantization until its layer is tuned
+    unrounded_codes: dict[torch.nn.Module, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def start(
@@ -195,7 +204,12 @@ class CalibrationRun:
             targets=targets,
             names=names,
             strength=strength,
-            quantizer=GroupQuantizer(names, strength, **{f: fields[f] for f in _QUANTIZER_FIELDS}),
+            quantizer=GroupQuantizer(
+                names,
+                strength,
+                keep_unrounded=fields["block_tuning_code_learning_rate"] > 0,
+                **{f: fields[f] for f in _QUANTIZER_FIELDS},
+            ),
             settings=RunSettings(**{f.name: fields[f.name] for f in dataclasses.fields(RunSettings)}),
             calls=RecordedCalls(fields["stream_offload_device"]),
         )
@@ -412,7 +426,8 @@ class CalibrationRun:
         """Correct, observe and quantize ``modules``; round to nearest those that
         saw no token. Under torch.distributed each unit (a GPTQ batch of
         same-shape modules as one process forms it, or a module without tokens)
-        is done by one owner rank, then published to all."""
+        is done by one owner rank, then published to all (with the codes before
+        rounding when block tuning moves the codes)."""
         modules = [m for m in modules if m not in self.quantized]
         fed = [m for m in modules if m in statistics and statistics[m].tokens > 0]
         self.report.order += [
@@ -424,10 +439,13 @@ class CalibrationRun:
         self._take(
             self.quantizer.round_uncalibrated([m for unit in mine for m in unit if m not in fed])
         )
-        self._take(
-            self.quantizer.quantize([unit for unit in mine if unit[0] in fed], statistics, held_out or {})
-        )
-        publish(modules, {m: owner for unit, owner in zip(units, owners) for m in unit})
+        swept = self.quantizer.quantize([unit for unit in mine if unit[0] in fed], statistics, held_out or {})
+        self._take(swept)
+        owner_of = {m: owner for unit, owner in zip(units, owners) for m in unit}
+        publish(modules, owner_of)
+        if self.quantizer.keep_unrounded:
+            tuned = [m for m in fed if m in self.layer_of]  # the same on every rank
+            self.unrounded_codes.update(publish_values(swept.unrounded_codes, tuned, owner_of))
         self.quantized.update(modules)
 
     def _take(self, outcome: QuantizeOutcome) -> None:
@@ -450,8 +468,14 @@ class CalibrationRun:
         (the full-precision layer's outputs); then the tuned scales, weights and
         norm weights are written back (:mod:`qep_modifier.block_tuning`), unless
         tuning did not lower the layer's loss (:func:`keeps_tuning`): then the
-        layer keeps what it had, and the summary says so."""
-        block = _TunedBlock(layer, {module: self.names[module] for module in linears})
+        layer keeps what it had, and the summary says so. With
+        ``block_tuning_code_learning_rate`` the codes are tuned too (latent
+        codes, their rate falling linearly to 0 over the steps)."""
+        code_rate = self.settings.block_tuning_code_learning_rate
+        unrounded = {module: self.unrounded_codes.pop(module, None) for module in linears}
+        block = _TunedBlock(
+            layer, {module: self.names[module] for module in linears}, unrounded if code_rate > 0 else None
+        )
         step_owners, checked = self._tuning_steps(layer)
         epochs = self.settings.block_tuning_epochs
         progress = tqdm(
@@ -483,12 +507,18 @@ class CalibrationRun:
 
         start_loss = checked_loss()
         owners = itertools.cycle(step_owners)
+        rate, decaying = self.settings.block_tuning_learning_rate, None
+        if code_rate > 0:  # one rate per parameter; the codes' rate falls linearly to 0
+            codes = block.code_flags()
+            rate = [code_rate if is_code else rate for is_code in codes]
+            decaying = (codes, len(step_owners))
         history = tune(
             block.parameters(),
             batch_losses,
             epochs,
-            self.settings.block_tuning_learning_rate,
+            rate,
             share=lambda parameters, loss: share_step(parameters, loss, next(owners)),
+            decaying=decaying,
         )
         finite = all(bool(torch.isfinite(parameter).all()) for parameter in block.parameters())
         final_loss = checked_loss() if finite else math.nan
@@ -551,10 +581,12 @@ class CalibrationRun:
             else f"did not help here (the default is {DEFAULT_LEARNING_RATE}; "
             "block_tuning_epochs: 0 turns tuning off)"
         )
+        code_rate = self.settings.block_tuning_code_learning_rate
+        codes = f" (with block_tuning_code_learning_rate: {code_rate}, also try a smaller one)" if code_rate > 0 else ""
         logger.warning(
             f"QEP: block tuning lowered the output error of none of the "
             f"{self.tuned_layers} tuned layer(s), so all kept their untuned scales and "
-            f"norm weights: block_tuning_learning_rate: {rate} {advice}"
+            f"norm weights: block_tuning_learning_rate: {rate} {advice}{codes}"
         )
 
     # ----------------------------------------------------------------- end
@@ -578,11 +610,21 @@ class CalibrationRun:
 
 class _TunedBlock:
     """A layer's tunable parameters for block tuning: a gain on each quantized
-    Linear's scales (codes and zero points held) and on each RMSNorm's output."""
+    Linear's scales (codes and zero points held) and on each RMSNorm's output;
+    with ``unrounded`` (code learning), also each Linear's latent codes, started
+    from its unrounded codes (or its codes where it has none) and rounded to
+    the scheme's range in every forward."""
 
-    def __init__(self, layer: torch.nn.Module, names: Mapping[torch.nn.Module, str]):
+    def __init__(
+        self,
+        layer: torch.nn.Module,
+        names: Mapping[torch.nn.Module, str],
+        unrounded: Mapping[torch.nn.Module, torch.Tensor | None] | None = None,
+    ):
         self.layer = layer
         self.grids = {}
+        # each Linear's latent codes and the scheme's range (code learning only)
+        self.latent: dict[torch.nn.Module, tuple[torch.Tensor, float, float]] = {}
         for module, name in names.items():
             # copies (read before any rank writes: under torch.distributed the ranks
             # may share one CPU copy, and each rank writes the same tuned values into it)
@@ -595,6 +637,12 @@ class _TunedBlock:
                 raise RuntimeError(f"QEP block tuning: {name}: {off}") from off
             gain = torch.zeros_like(scale, requires_grad=True)
             self.grids[module] = (codes, scale, zero_point, groups, gain)
+            if unrounded is not None:
+                start = unrounded.get(module)
+                start = codes if start is None else start.to(device=codes.device, dtype=codes.dtype)
+                lowest, highest = calculate_range(module.quantization_scheme.weights, codes.device)
+                latent = latent_codes(codes, start).requires_grad_(True)
+                self.latent[module] = (latent, float(lowest), float(highest))
         self.norms = {
             module: torch.ones_like(module.weight, dtype=torch.float32, requires_grad=True)
             for module in layer.modules()
@@ -603,15 +651,31 @@ class _TunedBlock:
         self.norm_weights = {norm: norm.weight.detach().to(torch.float32).clone() for norm in self.norms}
 
     def parameters(self) -> list[torch.Tensor]:
-        return [gain for *_, gain in self.grids.values()] + list(self.norms.values())
+        """The gains, the norms' gains, then the latent codes (if any)."""
+        return (
+            [gain for *_, gain in self.grids.values()]
+            + list(self.norms.values())
+            + [latent for latent, _, _ in self.latent.values()]
+        )
+
+    def code_flags(self) -> list[bool]:
+        """Which of :meth:`parameters` are latent codes."""
+        return [False] * (len(self.grids) + len(self.norms)) + [True] * len(self.latent)
 
     def scales(self) -> dict[torch.nn.Module, torch.Tensor]:
         return {module: scale * gain.exp() for module, (_, scale, _, _, gain) in self.grids.items()}
 
+    def codes(self, module: torch.nn.Module) -> torch.Tensor:
+        """``module``'s integer codes: held, or its latent codes rounded."""
+        if module not in self.latent:
+            return self.grids[module][0]
+        latent, lowest, highest = self.latent[module]
+        return rounded_codes(latent, lowest, highest)
+
     def weights(self, scales) -> dict[torch.nn.Module, torch.Tensor]:
         return {
-            module: dequantized_weight(codes, scales[module], zero_point, groups)
-            for module, (codes, _, zero_point, groups, _) in self.grids.items()
+            module: dequantized_weight(self.codes(module), scales[module], zero_point, groups)
+            for module, (_, _, zero_point, groups, _) in self.grids.items()
         }
 
     def output(self, hooks, batch, args, kwargs, hidden) -> torch.Tensor:
@@ -625,7 +689,8 @@ class _TunedBlock:
             return first_tensor(plain.run(batch, args, kwargs, hidden)[1])
 
     def write_back(self) -> None:
-        """The tuned scales, weights and norm weights into the modules."""
+        """The tuned scales, weights (on the tuned codes) and norm weights into
+        the modules."""
         with torch.no_grad():
             scales = self.scales()
             for module, weight in self.weights(scales).items():

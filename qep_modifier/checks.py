@@ -2,7 +2,9 @@
 whose quantization scheme is attached: the real model at ``on_initialize``, or a
 meta-device copy before any weight is loaded
 (:func:`qep_modifier.workflow.check_recipe_fits`). Each raises ``ValueError``
-with one line naming a module and what would fit.
+with one line naming a module and what would fit. Also what a field that
+needs others needs of them (:func:`check_code_learning`), when the recipe is
+parsed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "NonFiniteWeights",
     "WEIGHT_BITS",
     "check_calibration_size",
+    "check_code_learning",
     "check_finite_weights",
     "check_group_sizes",
     "check_modules",
@@ -55,6 +58,29 @@ def check_modules(
         if scheme is not None:
             check_scheme(name, scheme, owner, refit_scales, block_tuning_epochs)
     check_group_sizes(named_modules, owner)
+
+
+def check_code_learning(rate: float, block_tuning_epochs: int, base: str, group_scales: str) -> None:
+    """What ``block_tuning_code_learning_rate > 0`` needs: block tuning, and the
+    GPTQ sweep on the observer's scales (whose unrounded weights the latent
+    codes start from)."""
+    if not rate > 0:
+        return
+    if block_tuning_epochs < 1:
+        raise ValueError(
+            f"block_tuning_code_learning_rate: {rate} moves the codes during block tuning: "
+            f"it needs block_tuning_epochs >= 1, got block_tuning_epochs: {block_tuning_epochs}"
+        )
+    if base != "gptq":
+        raise ValueError(
+            f"block_tuning_code_learning_rate: {rate} starts the codes from the GPTQ sweep's "
+            f"unrounded weights: it needs base: gptq, got base: {base}"
+        )
+    if group_scales != "observer":
+        raise ValueError(
+            f"block_tuning_code_learning_rate: {rate} starts the codes from the sweep on the "
+            f"observer's scales: it needs group_scales: observer, got group_scales: {group_scales}"
+        )
 
 
 def check_targets_match(

@@ -12,7 +12,9 @@ statistics. Per within-block group, once every rank has its statistics:
 3. :func:`publish` sends each module's weight and quantization parameters from
    its owner to every rank's device copy and waits at a barrier, because ranks
    share one CPU copy of the weights (llm-compressor's ``DistributedCPUCache``)
-   and none may replay or propagate through a module before its owner wrote it.
+   and none may replay or propagate through a module before its owner wrote it;
+   :func:`publish_values` sends what else the owner's sweep left for a module
+   (the unrounded codes block tuning starts from).
 
 With two ranks of one sample each, every sum is ``P0 + P1`` in both runs, and
 the result is bit for bit the single-process result on the same two samples.
@@ -48,6 +50,7 @@ __all__ = [
     "init_process_group",
     "is_distributed",
     "publish",
+    "publish_values",
     "rank",
     "reduce_statistics",
     "share_step",
@@ -175,6 +178,33 @@ def publish(modules: Iterable[torch.nn.Module], owners: dict[torch.nn.Module, in
         for work in pending:
             work.wait()
         dist.barrier()
+
+
+def publish_values(
+    values: dict[torch.nn.Module, torch.Tensor],
+    modules: Iterable[torch.nn.Module],
+    owners: dict[torch.nn.Module, int],
+) -> dict[torch.nn.Module, torch.Tensor]:
+    """Each module's float32 tensor of its weight's shape, computed by its owner
+    (in ``values`` there), on every rank: broadcast from the owner, in the order
+    of ``modules`` (the same on every rank). ``values`` in one process."""
+    if not is_distributed():
+        return values
+    modules = list(modules)
+    published = {}
+    with waiting_at(f"publishing the sweep's values of {len(modules)} modules from their owner ranks"):
+        pending = []
+        for module in modules:
+            device = get_execution_device(module)
+            if rank() == owners[module]:
+                tensor = values[module].to(device=device, dtype=torch.float32).contiguous()
+            else:
+                tensor = torch.empty(module.weight.shape, device=device, dtype=torch.float32)
+            pending.append(dist.broadcast(tensor, src=owners[module], async_op=True))
+            published[module] = tensor
+        for work in pending:
+            work.wait()
+    return published
 
 
 def share_step(parameters: Sequence[torch.Tensor], loss: torch.Tensor | None, owner: int) -> float:

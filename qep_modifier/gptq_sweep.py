@@ -172,6 +172,7 @@ def quantize_weight_first_order(
     percdamp: float = 0.01,
     first_order_strength: float = 0.0,
     first_order_reach: str = "next",
+    unrounded: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     Quantize a batch of weights with GPTQ plus FOEM's first-order term.
@@ -192,6 +193,10 @@ def quantize_weight_first_order(
     :param first_order_strength: FOEM ``beta`` (>= 0); 0 reproduces GPTQ exactly
     :param first_order_reach: ``"all"`` (pull every remaining column) or
         ``"next"`` (pull only the next column in sweep order)
+    :param unrounded: when given (``[batch, rows, columns]``), filled with each
+        column's weight just before it is rounded (after the updates of the
+        columns swept before it), in the original column order; nothing else
+        changes
     :return: quantized weights, per-batch losses, and RTN fallback flags
     """
     beta, reach = validate_first_order_args(first_order_strength, first_order_reach)
@@ -241,6 +246,8 @@ def quantize_weight_first_order(
     # W0: the weights at the start of the sweep, in sweep (permuted) order and
     # with dead columns already zeroed, so dead columns never get pulled.
     W0 = W.clone() if beta != 0 else None
+    # each column before its rounding, in sweep order (only when asked for)
+    before_rounding = torch.empty_like(W) if unrounded is not None else None
 
     for i1, i2, W1, Q1, Err1, Hinv1 in _column_blocks(W, Hinv, blocksize):
         losses1 = torch.zeros_like(W1)
@@ -260,6 +267,7 @@ def quantize_weight_first_order(
             i1=i1,
             beta=beta,
             reach=reach,
+            unrounded1=None if before_rounding is None else before_rounding[:, :, i1:i2],
         )
 
         W[:, :, i1:i2] = Q1
@@ -271,6 +279,12 @@ def quantize_weight_first_order(
     if perm is not None:
         invperm = torch.argsort(perm, dim=-1)
         W = torch.gather(W, -1, invperm.unsqueeze(-2).expand(-1, num_rows, -1))
+        if before_rounding is not None:
+            before_rounding = torch.gather(
+                before_rounding, -1, invperm.unsqueeze(-2).expand(-1, num_rows, -1)
+            )
+    if unrounded is not None:
+        unrounded.copy_(before_rounding)
 
     return W.to(final_dtype), losses.sum(dim=1), used_rtn_fallback
 
@@ -302,12 +316,14 @@ def _first_order_block_update(
     i1: int,
     beta: float,
     reach: str,
+    unrounded1: torch.Tensor | None = None,
 ) -> None:
     """Eager column loop over one block, updating the block tensors in place.
 
     ``W01`` is the block's slice of the start-of-sweep weights (``None`` when
     ``beta == 0``, in which case the loop is operation-for-operation the
-    toolkit's eager GPTQ block update).
+    toolkit's eager GPTQ block update). ``unrounded1``, when given, gets each
+    column as it is just before its rounding.
     """
     block_width = W1.shape[-1]
     # column_scale_window already expands group/tensor qparams per column, so
@@ -326,6 +342,8 @@ def _first_order_block_update(
     )
     for i in range(block_width):
         w = W1[:, :, i]
+        if unrounded1 is not None:
+            unrounded1[:, :, i] = w
         # batch folded into the channel dimension: one QDQ call per column
         q = fake_quantize(
             w.transpose(0, 1),

@@ -39,6 +39,7 @@ from qep_modifier.calibrate import (
 from qep_modifier.checks import (
     NonFiniteWeights,
     check_calibration_size,
+    check_code_learning,
     check_finite_weights,
     check_modules,
     check_observer_name,
@@ -64,6 +65,7 @@ _FLOAT_RANGES = {
     "correction_damping": "> 0",
     "block_tuning_learning_rate": "> 0",
     "first_order_strength": ">= 0",
+    "block_tuning_code_learning_rate": ">= 0",
     "dampening_frac": ">= 0",
 }
 
@@ -155,6 +157,15 @@ class QEPModifier(GPTQModifier):
     :param block_tuning_learning_rate: Adam's learning rate for block tuning, > 0
         (scales are tuned as ``scale * exp(gain)``, norm weights through a gain
         on the norm's output)
+    :param block_tuning_code_learning_rate: Adam's learning rate for the integer
+        codes in block tuning, >= 0 (0: the codes are held). With a rate, each
+        tuned Linear gets a latent float code per weight, started at the GPTQ
+        sweep's code plus what its rounding threw away (within half a step), and
+        rounded in the forward with the gradient passed straight through
+        (:func:`~qep_modifier.block_tuning.rounded_codes`); the rate falls
+        linearly to 0 over the layer's steps, and the final codes are the
+        rounded latent ones. Needs ``block_tuning_epochs >= 1``, ``base: gptq``
+        and ``group_scales: observer``
     :param stream_offload_device: where the full-precision stream, the recorded
         layer calls and the kept activations wait; keep it equal to oneshot's
         ``sequential_offload_device``
@@ -185,6 +196,7 @@ class QEPModifier(GPTQModifier):
     refit_scales: int = 0
     block_tuning_epochs: int = 0
     block_tuning_learning_rate: float = DEFAULT_LEARNING_RATE
+    block_tuning_code_learning_rate: float = 0.0
     cache_full_precision_inputs: bool = True
     resume_replays: bool = True
     report_errors: bool = False
@@ -305,8 +317,8 @@ class QEPModifier(GPTQModifier):
     def _check_fields_together(self):
         """The rules between fields that need no model, when the recipe is parsed:
         one of ``scheme`` / ``config_groups``; every scheme weight-only int at 2
-        to 8 bits with a known observer; what ``refit_scales`` and
-        ``block_tuning_epochs`` need."""
+        to 8 bits with a known observer; what ``refit_scales``,
+        ``block_tuning_epochs`` and ``block_tuning_code_learning_rate`` need."""
         if self.scheme is not None and self.config_groups is not None:
             raise ValueError(
                 "scheme and config_groups are both set; give one: scheme (a preset such "
@@ -322,6 +334,9 @@ class QEPModifier(GPTQModifier):
                 "refit_scales refits the observer's scales after the sweep: it needs "
                 f"group_scales: observer, got group_scales: {self.group_scales}"
             )
+        check_code_learning(
+            self.block_tuning_code_learning_rate, self.block_tuning_epochs, self.base, self.group_scales
+        )
         # on copies: resolving writes actorder and observers into config_groups
         # (a shallow twin otherwise: private state may hold the model's modules)
         twin = self.model_copy(

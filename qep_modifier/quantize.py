@@ -36,6 +36,7 @@ from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION, prepare_batch, 
 from llmcompressor.modifiers.quantization.calibration import observe
 from llmcompressor.utils.metric_logging import CompressionLogger
 
+from qep_modifier.block_tuning import column_groups, unrounded_codes
 from qep_modifier.correction import CorrectionFailed, corrected_weight, relative_output_errors
 from qep_modifier.gptq_sweep import (
     quantize_weight_first_order,
@@ -54,11 +55,14 @@ Statistics = Mapping[torch.nn.Module, LinearStatistics]
 
 @dataclass
 class QuantizeOutcome:
-    """What one call of :class:`GroupQuantizer` found: problems by reason and
-    ``report_errors`` rows by module name."""
+    """What one call of :class:`GroupQuantizer` found: problems by reason,
+    ``report_errors`` rows by module name and, with ``keep_unrounded``, each
+    swept module's codes before rounding (``weight / scale + zero_point`` of
+    the weights the sweep rounded; block tuning's latent codes start there)."""
 
     problems: ProblemLog = field(default_factory=ProblemLog)
     rows: dict[str, dict] = field(default_factory=dict)
+    unrounded_codes: dict[torch.nn.Module, torch.Tensor] = field(default_factory=dict)
 
 
 class GroupQuantizer:
@@ -72,6 +76,10 @@ class GroupQuantizer:
     :param refit_scales: refits of each module's scales to its sweep's codes
     :param block_size, dampening_frac, correction_damping: the sweep's block
         width and damping, the correction's damping
+    :param keep_unrounded: the GPTQ sweep (observer scales) keeps each module's
+        codes before rounding in the outcome (``block_tuning_code_learning_rate``);
+        the sweep is then always :func:`~qep_modifier.gptq_sweep.quantize_weight_first_order`
+        (with ``beta = 0`` the toolkit's eager sweep, operation for operation)
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class GroupQuantizer:
         block_size: int,
         dampening_frac: float,
         correction_damping: float,
+        keep_unrounded: bool = False,
     ):
         self.names, self.strength = names, strength
         self.refit_scales = refit_scales
@@ -96,10 +105,12 @@ class GroupQuantizer:
         self.first_order = dict(
             first_order_strength=first_order_strength, first_order_reach=first_order_reach
         )
+        self.keep_unrounded = keep_unrounded
         # the sweep, once: the toolkit's own with beta = 0, FOEM's otherwise
+        # (and whenever the unrounded weights are kept: the toolkit's cannot)
         self.column_sweep = (
             partial(quantize_weight_first_order, **self.first_order)
-            if first_order_strength > 0
+            if first_order_strength > 0 or keep_unrounded
             else quantize_weight
         )
         self.quantize_batches = self._round_batches if base == "rtn" else self._sweep_batches
@@ -124,7 +135,7 @@ class GroupQuantizer:
                 self._correct(module, statistics[module], held_out.get(module), outcome.problems)
             corrected = {module: module.weight.detach().clone() for module in report}
             observe(modules, base_name="weight")  # weight-only: no activation observers
-            self.quantize_batches(batches, statistics, outcome.problems)
+            self.quantize_batches(batches, statistics, outcome)
             for module, (weight, hessian, cross_term, gram) in report.items():
                 outcome.rows[self.names[module]] = self._report_row(
                     module, [weight, corrected[module], module.weight.detach()], gram, cross_term, hessian
@@ -139,7 +150,7 @@ class GroupQuantizer:
             return outcome
         with torch.no_grad(), disable_offloading():
             observe(modules, base_name="weight")
-            self._round_batches([modules], {}, outcome.problems)
+            self._round_batches([modules], {}, outcome)
         for module in modules:
             outcome.problems.note("uncalibrated", self.names[module])
         return outcome
@@ -189,7 +200,7 @@ class GroupQuantizer:
         return {"name": name, **errors}
 
     # ---------------------------------------------------------- quantization
-    def _round_batches(self, batches: list[Modules], statistics, problems) -> None:
+    def _round_batches(self, batches: list[Modules], statistics, outcome: QuantizeOutcome) -> None:
         """Round to the observer's grid (``base: rtn``, or no statistics)."""
         for module in (module for batch in batches for module in batch):
             quant_args = getattr_chain(module, "quantization_scheme.weights")
@@ -207,15 +218,15 @@ class GroupQuantizer:
                 module, "weight_zero_point", qparams["zero_point"].to(quant_args.zp_dtype)
             )
 
-    def _sweep_batches(self, batches: list[Modules], statistics: Statistics, problems) -> None:
+    def _sweep_batches(self, batches: list[Modules], statistics: Statistics, outcome: QuantizeOutcome) -> None:
         for batch in batches:
             quant_args = getattr_chain(batch[0], "quantization_scheme.weights")
             if self.scales_from_sweep and quant_args.strategy == "group":
-                self._sweep_with_group_scales(batch, statistics, quant_args, problems)
+                self._sweep_with_group_scales(batch, statistics, quant_args, outcome.problems)
             else:
-                self._sweep(batch, statistics, quant_args, problems)
+                self._sweep(batch, statistics, quant_args, outcome)
 
-    def _sweep(self, batch: Modules, statistics: Statistics, quant_args, problems) -> None:
+    def _sweep(self, batch: Modules, statistics: Statistics, quant_args, outcome: QuantizeOutcome) -> None:
         """The GPTQ sweep on one batch of same-shape modules, with FOEM's term
         when ``beta > 0``.
 
@@ -226,7 +237,9 @@ class GroupQuantizer:
         toolkit's ``assign_batches`` in :mod:`qep_modifier.calibrate`); the sweep
         is :func:`~qep_modifier.gptq_sweep.quantize_weight_first_order` when
         ``first_order_strength > 0`` (with 0, the toolkit's ``quantize_weight``
-        as upstream); round-to-nearest fallbacks go to ``problems``.
+        as upstream); round-to-nearest fallbacks go to ``outcome.problems``;
+        with ``keep_unrounded`` the last sweep's weights before rounding, as
+        codes on the final grid, go to ``outcome.unrounded_codes``.
         """
         qparams = [module.weight_observer.get_qparams() for module in batch]
         logger.info(f"QEP: quantizing {[self.names[module] for module in batch]}")
@@ -240,6 +253,8 @@ class GroupQuantizer:
             metric_loggers = [loggers.enter_context(CompressionLogger(module)) for module in batch]
             # the sweep overwrites its inputs; a refit needs them afterwards
             keep_inputs = bool(self.refit_scales)
+            unrounded = torch.empty_like(weights) if self.keep_unrounded else None
+            asked = {} if unrounded is None else {"unrounded": unrounded}  # refilled by each sweep
 
             def run_sweep(scales):
                 return self.column_sweep(
@@ -251,13 +266,17 @@ class GroupQuantizer:
                     quant_args=quant_args,
                     blocksize=self.block_size,
                     percdamp=self.dampening_frac,
+                    **asked,
                 )
 
             quantized, losses, fell_back = run_sweep(scales)
             if self.refit_scales:
                 quantized, scales = self._refit_scales(batch, weights, hessians, quantized, scales, run_sweep)
-            self._record_sweep(batch, metric_loggers, losses, fell_back, problems)
+            self._record_sweep(batch, metric_loggers, losses, fell_back, outcome.problems)
         update_batch_qparams(batch, quantized, scales, zero_points, global_scales, quant_args)
+        if unrounded is not None:
+            for index, module in enumerate(batch):
+                outcome.unrounded_codes[module] = _codes_before_rounding(module, unrounded[index])
 
     def _refit_scales(self, batch, target, hessians, quantized, scales, run_sweep):
         """``refit_scales`` rounds: refit the scales to the sweep's codes, and
@@ -319,3 +338,11 @@ class GroupQuantizer:
             metric_logger.set_results(name="QEP", loss=losses[index].item())
             if fell_back[index].item():
                 problems.note("rtn_fallback", self.names[batch[index]])
+
+
+def _codes_before_rounding(module: torch.nn.Module, unrounded: torch.Tensor) -> torch.Tensor:
+    """A swept module's weights before rounding as codes on its stored grid
+    (the scales and zero points just written, each column with its group's)."""
+    scale = module.weight_scale.detach()
+    groups = column_groups(unrounded.shape[-1], scale, getattr(module, "weight_g_idx", None))
+    return unrounded_codes(unrounded, scale, module.weight_zero_point.detach().to(scale.device), groups)

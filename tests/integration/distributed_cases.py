@@ -35,6 +35,10 @@ CASES = {
     "block_tuning_fallback": Case(
         "llama", lambda: QEPModifier(block_tuning_epochs=1, block_tuning_learning_rate=1000.0, **W3)
     ),
+    # the codes move too: their unrounded start published from each batch's owner
+    "block_tuning_codes": Case(
+        "llama", lambda: QEPModifier(block_tuning_epochs=4, block_tuning_code_learning_rate=0.0005, **W3)
+    ),
     "moe": Case("moe", lambda: QEPModifier(**W3)),
     "lm_head": Case("tied", lambda: QEPModifier(targets="Linear", config_groups=group_scheme(3, 32))),
     "identical_data": Case("llama", lambda: QEPModifier(**W3), identical=True),

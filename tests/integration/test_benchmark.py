@@ -69,9 +69,22 @@ def test_merge_joins_runs_and_recomputes_the_gap(tmp_path):
     assert "--schemes w3g64" in markdown and "--schemes w2g64" in markdown
 
 
+# fields added after the digests were taken, with their defaults: a dump leaves
+# them out at their default, so a method that does not set them digests as before
+_NEWER_FIELDS = {"block_tuning_code_learning_rate": 0.0}
+
+
+def _dump(modifier) -> dict:
+    dump = modifier.model_dump(mode="json")
+    for name, default in _NEWER_FIELDS.items():
+        if name in dump and dump[name] == default:
+            del dump[name]
+    return dump
+
+
 def _digest(modifiers, oneshot) -> str:
     text = json.dumps(
-        [[type(modifier).__name__, modifier.model_dump(mode="json")] for modifier in modifiers or []] + [oneshot],
+        [[type(modifier).__name__, _dump(modifier)] for modifier in modifiers or []] + [oneshot],
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -77,6 +77,22 @@ def test_block_tuning_that_diverges_leaves_every_block_as_quantized(
     assert len(said) == 1 and "too large (the default is 0.005)" in said[0]
 
 
+def test_code_learning_that_diverges_leaves_the_codes_as_quantized(one_layer_llama, untuned, warnings):
+    """The keep-or-fall-back check covers the codes: at a code rate of 1000 every
+    latent code leaves its grid's range at the first step, the loss goes up, and
+    the block keeps GPTQ's codes, scales and norm weights bit for bit."""
+    recipe = QEPModifier(block_tuning_epochs=1, block_tuning_code_learning_rate=1000.0, **W3)
+    model = quantize(one_layer_llama, recipe, token_dataset(2, 16, seed=0))
+    assert recipe.problems == {"tuning_fallback": ["model.layers.0"]}
+    weights, norms = quantized_linears(model), norm_weights(model)
+    for name, module in untuned[0].items():
+        for key, tensor in module.items():
+            assert torch.equal(weights[name][key], tensor), (name, key)
+    assert all(torch.equal(norms[name], norm) for name, norm in untuned[1].items())
+    said = [message for message in warnings if "block_tuning_code_learning_rate: 1000.0" in message]
+    assert len(said) == 1
+
+
 def test_block_tuning_at_the_default_rate_is_kept(one_layer_llama, untuned, warnings):
     recipe = QEPModifier(block_tuning_epochs=1, **W3)  # block_tuning_learning_rate 0.005
     model = quantize(one_layer_llama, recipe, token_dataset(2, 16, seed=0))

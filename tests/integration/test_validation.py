@@ -29,6 +29,7 @@ from tests.models import group_scheme, load_model, quantize, save_tiny_llama, to
         ({"block_tuning_epochs": -1}, ["block_tuning_epochs", "whole number >= 0"]),
         ({"block_tuning_epochs": 2.5}, ["block_tuning_epochs", "whole number >= 0"]),
         ({"block_tuning_learning_rate": 0.0}, ["block_tuning_learning_rate", "> 0"]),
+        ({"block_tuning_code_learning_rate": -0.1}, ["block_tuning_code_learning_rate", ">= 0"]),
         ({"unknown_field": 1}, ["unknown_field"]),
     ],
 )
@@ -84,8 +85,26 @@ TENSOR_SCALES = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "
         ),
         ({"refit_scales": 1}, TENSOR_SCALES, ["refit_scales", "group or channel strategy", "'tensor'"]),
         ({"block_tuning_epochs": 1}, TENSOR_SCALES, ["block_tuning_epochs", "group or channel scales", "'tensor'"]),
+        (
+            {"block_tuning_code_learning_rate": 0.005},
+            group_scheme(3, 32),
+            ["block_tuning_code_learning_rate", "block_tuning_epochs >= 1", "block_tuning_epochs: 0"],
+        ),
+        (
+            {"block_tuning_code_learning_rate": 0.005, "block_tuning_epochs": 1, "base": "rtn"},
+            group_scheme(3, 32),
+            ["block_tuning_code_learning_rate", "base: gptq", "base: rtn"],
+        ),
+        (
+            {"block_tuning_code_learning_rate": 0.005, "block_tuning_epochs": 1, "group_scales": "sweep"},
+            group_scheme(3, 32),
+            ["block_tuning_code_learning_rate", "group_scales: observer", "group_scales: sweep"],
+        ),
     ],
-    ids=["refit-rtn", "refit-sweep-scales", "refit-tensor", "tuning-tensor"],
+    ids=[
+        "refit-rtn", "refit-sweep-scales", "refit-tensor", "tuning-tensor",
+        "codes-no-tuning", "codes-rtn", "codes-sweep-scales",
+    ],
 )
 def test_scale_fields_that_cannot_apply_fail_before_calibration(model_dir, fields, scheme, words):
     with pytest.raises(ValidationError) as error:  # when the recipe is parsed
@@ -173,6 +192,7 @@ def _bits(num_bits):
         ({"correction_damping": math.inf}, ["correction_damping", "finite"]),
         ({"first_order_strength": math.inf}, ["first_order_strength", "finite"]),
         ({"first_order_strength": math.nan}, ["first_order_strength", "finite"]),
+        ({"block_tuning_code_learning_rate": math.inf}, ["block_tuning_code_learning_rate", "finite", ">= 0"]),
         ({"propagation_strength": math.nan}, ["propagation_strength", "[0, 1]"]),
         ({"dampening_frac": -1}, ["dampening_frac", ">= 0", "-1"]),
         ({"dampening_frac": math.inf}, ["dampening_frac", "finite"]),

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qep_modifier.block_tuning import (
-    OffGrid, checked_batches, column_groups, dequantized_weight, grid_codes, keeps_tuning, mean_loss, tune,
+    OffGrid, checked_batches, column_groups, dequantized_weight, grid_codes, keeps_tuning, latent_codes,
+    linear_decay, mean_loss, rounded_codes, tune,
 )
 
 
@@ -245,3 +246,119 @@ def test_tuning_is_kept_only_when_it_lowers_the_mean_loss(learning_rate, kept):
     finite = bool(torch.isfinite(gain).all())
     final = mean_at_fixed_parameters() if finite else math.nan
     assert keeps_tuning(start, final, finite) is kept, (start, final)
+
+
+# ----------------------------------------------------------- moving the codes
+def test_rounded_codes_round_and_clamp_forward_and_pass_gradients_straight_through():
+    generator = torch.Generator().manual_seed(0)
+    latent = (torch.rand(5, 7, generator=generator, dtype=torch.float64) * 16 - 7).requires_grad_(True)
+    # by hand in float64: round half to even (Python's round), then clamp to [-4, 3]
+    reference = torch.tensor(
+        [[min(3.0, max(-4.0, float(round(value)))) for value in row] for row in latent.tolist()],
+        dtype=torch.float64,
+    )
+    assert (latent < -4.5).any() and (latent > 3.5).any()  # the clamp is exercised
+    upstream = torch.randn(5, 7, generator=generator, dtype=torch.float64)
+    with torch.enable_grad():
+        codes = rounded_codes(latent, -4, 3)
+        (codes * upstream).sum().backward()
+    assert codes.dtype == torch.float64 and torch.equal(codes.detach(), reference)
+    assert torch.equal(latent.grad, upstream)  # identity, also where clamped
+
+
+def test_latent_codes_start_within_half_a_step_and_round_to_the_codes():
+    codes = torch.tensor([[0.0, 3.0, -4.0, 2.0, 1.0]])
+    unrounded = torch.tensor([[0.3, 2.6, -9.0, 2.5, 1.0]])  # -9: the clamp moved it
+    latent = latent_codes(codes, unrounded)
+    expected = torch.tensor([[0.3, 2.6, -4.499, 2.499, 1.0]], dtype=torch.float64)
+    assert torch.allclose(latent.double(), expected, rtol=0, atol=1e-6)
+    assert torch.equal(latent.round(), codes)
+
+
+def _code_problem():
+    """One channel-scaled Linear whose best codes are one step off the start in
+    a few places: the target weight sits on the grid at other codes."""
+    generator = torch.Generator().manual_seed(3)
+    codes, scale, zero_point = _grid(rows=4, columns=16, groups=1)
+    groups = column_groups(16, scale)
+    better = codes.clone()
+    better[0, 2] += 1
+    better[1, 5] -= 1
+    better[3, 9] += 1
+    better = better.clamp(0, 7)
+    assert not torch.equal(better, codes)
+    inputs = [torch.randn(32, 16, generator=generator, dtype=torch.float64) for _ in range(4)]
+    targets = [x @ dequantized_weight(better, scale, zero_point, groups).T for x in inputs]
+    return codes, better, scale, zero_point, groups, inputs, targets
+
+
+@pytest.mark.parametrize("moving", ["codes", "gains"])
+def test_tune_with_a_rate_per_parameter_moves_only_those_with_a_rate(moving):
+    codes, better, scale, zero_point, groups, inputs, targets = _code_problem()
+    latent = codes.clone().requires_grad_(True)
+    gain = torch.zeros_like(scale, requires_grad=True)
+
+    def batch_losses():
+        for x, y in zip(inputs, targets):
+            weight = dequantized_weight(rounded_codes(latent, 0, 7), scale * gain.exp(), zero_point, groups)
+            yield (x @ weight.T - y).pow(2).mean()
+
+    rates = [0.0, 0.1] if moving == "codes" else [0.02, 0.0]
+    history = tune([gain, latent], batch_losses, epochs=30, learning_rate=rates)
+    assert history[-1] < history[0]
+    if moving == "codes":
+        assert torch.equal(gain, torch.zeros_like(scale))
+        moved = latent.detach().round().clamp(0, 7)
+        assert not torch.equal(moved, codes)
+        # the loss pulls the codes toward the target's: more of them agree
+        assert (moved == better).sum() > (codes == better).sum()
+    else:
+        assert torch.equal(latent.detach(), codes) and not torch.equal(gain, torch.zeros_like(scale))
+
+
+def test_tune_with_one_rate_per_parameter_equal_to_one_rate_for_all_is_the_same():
+    def run(learning_rate):
+        first, second = torch.zeros(3, requires_grad=True), torch.ones(2, requires_grad=True)
+
+        def losses():  # each computed when the loop asks for it
+            yield (first - 1).pow(2).sum() + (second * first[:2]).sum()
+            yield second.pow(2).sum()
+
+        history = tune([first, second], losses, epochs=3, learning_rate=learning_rate)
+        return first.detach(), second.detach(), history
+
+    single, per_parameter = run(0.1), run([0.1, 0.1])
+    assert all(torch.equal(a, b) for a, b in zip(single[:2], per_parameter[:2]))
+    assert single[2] == per_parameter[2]
+    with pytest.raises(ValueError, match="2 learning rates for 3"):
+        tune([torch.zeros(1, requires_grad=True)] * 3, lambda: [], epochs=1, learning_rate=[0.1, 0.1])
+
+
+def test_linear_decay_schedule_against_float64_arithmetic():
+    """Loss ``sum(p)`` has the constant gradient 1, so each Adam step moves a
+    float64 parameter by its step's rate / (1 + eps) (up to float64 rounding):
+    the decaying one by ``r (1 - k / N)`` at step k of N = epochs x steps per
+    epoch, in all ``r (N + 1) / 2``; the constant one by ``r N``."""
+    epochs, steps_per_epoch, rate = 4, 3, 0.01
+    decaying = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    constant = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+
+    def batch_losses():
+        for _ in range(steps_per_epoch):
+            yield decaying.sum() + constant.sum()
+
+    tune(
+        [decaying, constant], batch_losses, epochs, [rate, rate],
+        decaying=([True, False], steps_per_epoch),
+    )
+    steps = epochs * steps_per_epoch
+    eps = 1e-8  # Adam's default
+    by_hand = math.fsum(rate * (1 - step / steps) for step in range(steps)) / (1 + eps)
+    assert abs(by_hand - rate * (steps + 1) / 2 / (1 + eps)) < 1e-15
+    torch.testing.assert_close(-decaying.detach(), torch.full((2,), by_hand, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        -constant.detach(), torch.full((2,), rate * steps / (1 + eps), dtype=torch.float64), rtol=1e-12, atol=0
+    )
+    # the factor itself: 1 at the first step, 1/N at the last, never below 0
+    assert linear_decay(0, steps) == 1.0 and math.isclose(linear_decay(steps - 1, steps), 1 / steps, rel_tol=1e-12)
+    assert linear_decay(steps, steps) == 0.0 and linear_decay(steps + 5, steps) == 0.0

@@ -124,7 +124,8 @@ def foem_reference(weight, hessian, scale, zp, qargs, beta, reach):
 
     mask = 1 on q and on all of F ("all") or on q and q+1 only ("next").
     Booked loss per column: ((w_q - Q(w_q)) - beta D_q)^2 / (2 [Hinv_F]_qq).
-    No Cholesky factor, no blocks.  Returns (Q in original order, loss, errs).
+    No Cholesky factor, no blocks.  Returns (Q in original order, loss, errs,
+    each column just before its rounding in original order).
     """
     rows, cols = weight.shape
     W = weight.to(torch.float64).clone()
@@ -148,9 +149,11 @@ def foem_reference(weight, hessian, scale, zp, qargs, beta, reach):
     Q = torch.zeros_like(W)
     loss = torch.zeros((), dtype=torch.float64)
     errs = torch.zeros_like(W)
+    unrounded = torch.zeros_like(W)
     for q in range(cols):
         Hinv_F = torch.linalg.inv(H[q:, q:])
-        w = W[:, q]
+        w = W[:, q].clone()
+        unrounded[:, q] = w
         quant = (torch.clamp(torch.round(w / s[:, q] + z[:, q]), qmin, qmax) - z[:, q])
         quant = quant * s[:, q]
         D = W[:, q:] - W0[:, q:]
@@ -168,7 +171,7 @@ def foem_reference(weight, hessian, scale, zp, qargs, beta, reach):
         errs[:, q] = numerator / Hinv_F[0, 0].sqrt()
         loss = loss + (numerator.square() / (2.0 * Hinv_F[0, 0])).sum()
     Q = Q[:, torch.argsort(perm)]
-    return Q, loss, errs
+    return Q, loss, errs, unrounded[:, torch.argsort(perm)]
 
 
 def reference_batch(weights, hessians, scale, zp, qargs, beta, reach):
@@ -346,7 +349,7 @@ def test_loss_is_sum_of_half_squared_foem_errors(reach):
     )
     expected = []
     for b in range(2):
-        _, _, errs = foem_reference(
+        _, _, errs, _ = foem_reference(
             weights[b], hessians[b], scale[b], zp[b], qargs, beta, reach
         )
         expected.append((errs.square() / 2).sum())
@@ -355,6 +358,56 @@ def test_loss_is_sum_of_half_squared_foem_errors(reach):
     # and it is not GPTQ's loss (the beta term is booked)
     _, gptq_loss, _ = run_gptq(weights, hessians, scale, zp, qargs, blocksize=24)
     assert not torch.allclose(got_loss, gptq_loss, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- #
+# the unrounded weights (block tuning's latent codes start from them)
+# --------------------------------------------------------------------------- #
+
+# (strategy, group_size, symmetric, bits, actorder, beta, blocksize, dead)
+UNROUNDED_CASES = [
+    ("group", 32, True, 3, "static", 0.0, 24, (5,)),
+    ("group", 32, False, 4, None, 0.1, 32, ()),
+    ("channel", None, True, 3, "weight", 0.1, 40, ()),
+    ("group", 16, False, 2, "weight", 0.0, 128, (60,)),
+]
+
+
+@pytest.mark.parametrize("strategy,group_size,symmetric,bits,actorder,beta,blocksize,dead", UNROUNDED_CASES)
+def test_unrounded_weights_match_float64_and_round_to_the_codes(
+    strategy, group_size, symmetric, bits, actorder, beta, blocksize, dead
+):
+    """Each column just before its rounding, in the original column order
+    (act-order undone): close to the float64 reference's; rounded with the
+    sweep's scales, exactly the sweep's codes; asking for it changes nothing."""
+    qargs = make_qargs(bits, strategy, group_size, symmetric, actorder)
+    weights, hessians = make_problem(2, 16, 96, seed=31 + bits, dead_columns=dead)
+    scale, zp = observer_qparams(weights, qargs, widen=1.01)
+    options = dict(blocksize=blocksize, percdamp=PERCDAMP, first_order_strength=beta)
+    plain = run_first_order(weights, hessians, scale, zp, qargs, **options)
+    unrounded = torch.full_like(weights, float("nan"))
+    asked = run_first_order(weights, hessians, scale, zp, qargs, unrounded=unrounded, **options)
+    for with_, without in zip(asked, plain):
+        assert torch.equal(with_, without)
+
+    atol = 1e-4 * weights.abs().max().item()
+    for b in range(2):
+        *_, reference = foem_reference(weights[b], hessians[b], scale[b], zp[b], qargs, beta, "next")
+        torch.testing.assert_close(unrounded[b].double(), reference, rtol=0, atol=atol)
+
+    # each stored column's scale: its own group's (act-order keeps the groups)
+    columns = torch.arange(96) // (group_size or 96)
+    column_scale, column_zero = scale[:, :, columns], zp[:, :, columns].to(torch.float32)
+    if symmetric:
+        column_zero = torch.zeros_like(column_zero)
+    lowest, highest = (float(v) for v in calculate_range(qargs, "cpu"))
+    codes = torch.round(plain[0] / column_scale + column_zero)
+    from_unrounded = torch.clamp(torch.round(unrounded / column_scale + column_zero), lowest, highest)
+    assert torch.equal(from_unrounded, codes)
+    # not trivially so: the sweep moved the weights before rounding them
+    live = [c for c in range(96) if c not in dead]
+    assert (unrounded - weights)[:, :, live].abs().max() > 100 * atol
+    assert not torch.equal(torch.round(weights / column_scale + column_zero).clamp(lowest, highest), codes)
 
 
 # --------------------------------------------------------------------------- #
