@@ -95,6 +95,19 @@ def check_targets_match(
     hold no weight to quantize; with ``model``, name one of its Linears."""
     if any(quantizes_weight(module) for _, module in named_modules):
         return
+    conv1d = next(
+        (name for name, module in (model.named_modules() if model is not None else ())
+         if type(module).__name__ == "Conv1D"),
+        None,
+    )
+    if conv1d is not None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise ValueError(
+            f"{owner}: model type {model_type} keeps its projections in transformers "
+            f"Conv1D modules (like {conv1d}), which targets {sorted(targets)} do not match "
+            "and compressed-tensors does not quantize (only Linear): no QEP recipe runs on "
+            "it; use a model whose projections are Linear (README, families)"
+        )
     example = next(
         (name for name, module in (model.named_modules() if model is not None else ())
          if isinstance(module, torch.nn.Linear)),

@@ -47,6 +47,7 @@ from qep_modifier.checks import (
     check_targets_match,
 )
 from qep_modifier.distributed import check_distinct_shards
+from qep_modifier.rotations import check_session_rotations
 from qep_modifier.strength import (
     DEFAULT_PROPAGATION_STRENGTH,
     check_propagation_strength,
@@ -354,6 +355,7 @@ class QEPModifier(GPTQModifier):
     # ------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs) -> bool:
         self._check_fields_together()  # again: fields may change after parsing
+        check_session_rotations(state.model)  # before SpinQuantModifier fuses (calibration start)
         # the toolkit's own divisibility check lists every module; QEP's says
         # which widths do not fit and which group sizes would (it also catches
         # modules narrower than a group, which the toolkit lets through)

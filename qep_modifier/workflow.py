@@ -26,6 +26,7 @@ from qep_modifier.evaluation import (
     perplexity,
     tokenize_text,
 )
+from qep_modifier.rotations import SPINQUANT_MISFITS, SPINQUANT_MODEL_TYPES, rotation_misfit  # noqa: F401
 
 __all__ = [
     "InputError",
@@ -174,66 +175,19 @@ def check_recipe_fits(config, recipe) -> None:
             raise InputError(str(error)) from None
 
 
-#: Model types on which llm-compressor 0.14.0.1's SpinQuant R1/R2 rotations were
-#: checked to leave the model's function unchanged: tiny random models of each
-#: type, biases and norm weights randomised, logits before and after the
-#: rotations equal to 1e-7 relative (without the toolkit's embedding centering,
-#: which is no rotation). Its rotations assume Llama's module names and pre-norm
-#: RMSNorm blocks; on the other families tried they fail inside compressed-tensors
-#: after the model has loaded, or run and change the model.
-SPINQUANT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "helium")
-
-#: Why, for the families tried that are not in :data:`SPINQUANT_MODEL_TYPES`.
-SPINQUANT_MISFITS = {
-    **dict.fromkeys(
-        ("gemma", "gemma2", "gemma3", "gemma3_text"),
-        "its scaled word embedding cannot take a rotation in compressed-tensors",
-    ),
-    "phi3": "its fused qkv_proj and gate_up_proj do not match the rotations' module names",
-    **dict.fromkeys(
-        ("olmo", "olmo2", "opt", "gpt_neox", "cohere", "starcoder2", "phi", "glm"),
-        "its blocks' norms and projections do not match the rotations' pre-norm "
-        "Llama layout",
-    ),
-    **dict.fromkeys(
-        ("qwen3_moe", "qwen2_moe", "mixtral"),
-        "its experts' router is not rotated, so the rotated model routes tokens "
-        "differently: it runs and changes the model's outputs",
-    ),
-}
-
-
 def check_rotations_fit(config, recipe) -> None:
     """Refuse a ``SpinQuantModifier`` on a model type outside
-    :data:`SPINQUANT_MODEL_TYPES` (unless the recipe gives its own ``mappings``
-    or ``transform_config``), in one line naming the model type and the
-    packaged recipe without rotation to use instead. (``QuIPModifier`` rotates
-    each Linear on its own and ran unchanged on every family tried.)"""
-    model_type = getattr(config, "model_type", None)
-    for modifier in recipe.modifiers:
-        name = type(modifier).__name__
-        if name != "SpinQuantModifier" or model_type in SPINQUANT_MODEL_TYPES:
-            continue
-        if {"mappings", "transform_config"} & set(modifier.model_fields_set):
-            continue  # the recipe says where its rotations go
-        why = SPINQUANT_MISFITS.get(model_type, "not among the model types its rotations were checked on")
-        raise InputError(
-            f"{name} does not support model type {model_type}: {why} (its rotations are "
-            f"checked on {', '.join(SPINQUANT_MODEL_TYPES)}); use "
-            f"{_without_rotation(recipe)} instead"
-        )
-
-
-def _without_rotation(recipe) -> str:
-    """The packaged QEP recipe without rotation at the recipe's weight bits, or
-    the advice to drop the rotation."""
-    for modifier in recipe.modifiers:
-        config = getattr(modifier, "resolved_config", None)
-        for scheme in getattr(config, "config_groups", {}).values():
-            bits = getattr(scheme.weights, "num_bits", None)
-            if (PACKAGED_RECIPES / f"w{bits}a16_qep_gptq.yaml").is_file():
-                return f"the packaged recipe w{bits}a16_qep_gptq (no rotation)"
-    return "the recipe without its SpinQuantModifier"
+    :data:`~qep_modifier.rotations.SPINQUANT_MODEL_TYPES` (unless the recipe gives
+    its own ``mappings`` or ``transform_config``), in one line naming the model
+    type and the packaged recipe without rotation to use instead
+    (:func:`~qep_modifier.rotations.rotation_misfit`)."""
+    problem = rotation_misfit(
+        getattr(config, "model_type", None),
+        recipe.modifiers,
+        lambda modifier: bool({"mappings", "transform_config"} & set(modifier.model_fields_set)),
+    )
+    if problem is not None:
+        raise InputError(problem)
 
 
 def calibration_windows(tokenizer, text: str | Path | torch.Tensor, num_samples: int, seq_len: int, seed: int = 0):

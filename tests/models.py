@@ -178,3 +178,71 @@ def inputs_of(model, names, input_ids: torch.Tensor) -> dict[str, list[torch.Ten
     for handle in handles:
         handle.remove()
     return captured
+
+
+#: Tiny random decoders of the families the toolkit and vLLM load (issue 26): the
+#: model type and the config fields (2 layers, widths 128 / 256 so that every shipped
+#: recipe's group, 64 or the W4A16 preset's 128, divides every Linear's input width).
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {"head_dim": 32, "sliding_window": None}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 32}),
+    "qwen3_moe": (
+        "qwen3_moe",
+        {"head_dim": 32, "moe_intermediate_size": 128, "num_experts": 4, "num_experts_per_tok": 2},
+    ),
+    "gemma2": ("gemma2", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16}),
+    "gemma3": ("gemma3_text", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16}),
+    "phi3": ("phi3", {}),
+    "olmo2": ("olmo2", {}),
+    "granite": ("granite", {}),
+    "gpt_neox": ("gpt_neox", {"rotary_pct": 0.25}),
+    "opt": ("opt", {"ffn_dim": 256, "word_embed_proj_dim": 128, "do_layer_norm_before": True}),
+    "falcon": ("falcon", {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True}),
+    "gpt2": ("gpt2", {"n_embd": 128, "n_layer": 2, "n_head": 4, "n_positions": 128}),
+}
+
+_COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def family_config(family: str, **overrides):
+    """The transformers config of ``family``'s tiny random model (:data:`FAMILIES`)."""
+    from transformers import AutoConfig
+
+    model_type, fields = FAMILIES[family]
+    config = AutoConfig.for_model(model_type)
+    settings = {key: value for key, value in _COMMON.items() if hasattr(config, key)}
+    settings.update(fields)
+    settings.update(overrides)
+    return AutoConfig.for_model(model_type, **settings)
+
+
+def save_tiny_family(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """A random tiny model of ``family`` (:data:`FAMILIES`) with a tokenizer beside it.
+    Norm weights and biases are randomised too (their initial ones and zeros would
+    hide a norm that is tuned or rotated the wrong way)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 1 and "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+            elif name.endswith("bias"):
+                parameter.normal_(0.0, 0.02)
+    model.save_pretrained(folder)
+    word_level_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    return folder
