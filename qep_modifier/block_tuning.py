@@ -27,6 +27,7 @@ The run loop runs the layer (:meth:`qep_modifier.calibrate.CalibrationRun.tune_l
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
@@ -34,9 +35,9 @@ from functools import partial
 import torch
 
 __all__ = [
-    "DEFAULT_LEARNING_RATE", "OffGrid", "checked_batches", "column_groups", "dequantized_weight", "gained", "grid_codes",
-    "keeps_tuning", "latent_codes", "linear_decay", "mean_loss", "rounded_codes", "scales_with_weight", "token_relative_error", "tune",
-    "unrounded_codes",
+    "DEFAULT_LEARNING_RATE", "NormForm", "OffGrid", "checked_batches", "column_groups", "dequantized_weight", "gained",
+    "gained_norm_parameters", "grid_codes", "is_norm", "keeps_tuning", "latent_codes", "linear_decay", "mean_loss",
+    "norm_form", "rounded_codes", "scales_with_weight", "token_relative_error", "tune", "unrounded_codes",
 ]
 
 #: ``block_tuning_learning_rate``'s default: Adam's step on the log-scale gains
@@ -246,28 +247,85 @@ def gained(forward, gain: torch.Tensor, *args, **kwargs):
     return output * gain.to(output.dtype)
 
 
-def scales_with_weight(norm: torch.nn.Module) -> bool:
-    """Whether ``norm``'s output is its weight times something the weight does
-    not change (``weight * normalised``, as Llama's RMSNorm): then an output gain
-    is a weight update. Gemma's ``(1 + weight) * normalised`` is not. Probed on
-    a shallow copy with its own parameters, so ``norm`` (offloaded or not) is
-    never written."""
+@dataclasses.dataclass(frozen=True)
+class NormForm:
+    """A norm whose output is ``(weight + offset) * normalised (+ bias)``, with
+    ``normalised`` independent of its parameters: then an output gain ``g`` is the
+    parameter update ``weight -> (weight + offset) * g - offset``, ``bias -> bias * g``
+    (:func:`gained_norm_parameters`). Llama's RMSNorm: offset 0, no bias; Gemma's
+    ``(1 + weight)`` RMSNorm: offset 1; LayerNorm: offset 0 with a bias."""
+
+    offset: float = 0.0
+    bias: bool = False
+
+
+def is_norm(module: torch.nn.Module) -> bool:
+    """Whether block tuning looks at ``module`` as a norm: a leaf module whose
+    class name says Norm (RMSNorm, LayerNorm, the toolkit's CalibrationOffsetNorm)."""
+    return "norm" in type(module).__name__.lower() and next(module.children(), None) is None
+
+
+def norm_form(norm: torch.nn.Module) -> NormForm | str:
+    """The :class:`NormForm` of ``norm``, or why an output gain cannot stand for a
+    change of its parameters (a one-line reason). Probed, not looked up by class:
+    its forward runs on a shallow copy with its own parameters, with the weight set
+    to 1, 2 and 3 and the bias to 0 and to a probe (linear in the weight, an offset,
+    a bias that adds), so ``norm`` (offloaded or not) is never written."""
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
-        return False
-    probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0))
-    probe = probe.to(device=weight.device, dtype=torch.float32)
-    twin = copy.copy(norm)
-    outputs = []
-    with torch.no_grad():
-        for value in (1.0, 2.0):
-            parameters = dict(norm.named_parameters(recurse=False))
-            parameters["weight"] = torch.nn.Parameter(
-                torch.full_like(weight, value, dtype=torch.float32), requires_grad=False
-            )
-            object.__setattr__(twin, "_parameters", parameters)
-            try:
-                outputs.append(type(norm).forward(twin, probe))
-            except Exception:  # noqa: BLE001 - a norm we cannot probe is not tuned
-                return False
-    return torch.allclose(outputs[1], 2 * outputs[0], rtol=1e-4, atol=1e-6)
+        return "it has no per-channel weight"
+    parameters = dict(norm.named_parameters(recurse=False))
+    if set(parameters) - {"weight", "bias"}:
+        return f"it has parameters other than weight and bias ({sorted(set(parameters) - {'weight', 'bias'})})"
+    bias = parameters.get("bias")
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape):
+        return "its bias is not per channel"
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, weight.shape[0], generator=generator).to(device=weight.device)
+    shift = torch.randn(weight.shape[0], generator=generator).to(device=weight.device)
+
+    def output(weight_value: float, with_shift: bool = False) -> torch.Tensor:
+        twin = copy.copy(norm)
+        values = {"weight": torch.full_like(weight, weight_value, dtype=torch.float32)}
+        if bias is not None:
+            values["bias"] = shift.clone() if with_shift else torch.zeros_like(bias, dtype=torch.float32)
+        object.__setattr__(
+            twin, "_parameters", {key: torch.nn.Parameter(value, requires_grad=False) for key, value in values.items()}
+        )
+        return type(norm).forward(twin, probe).to(torch.float32)
+
+    try:
+        with torch.no_grad():
+            one, two, three = output(1.0), output(2.0), output(3.0)
+            shifted = output(1.0, with_shift=True) if bias is not None else None
+    except Exception as error:  # noqa: BLE001 - a norm we cannot probe is not tuned
+        return f"its forward cannot be probed with one input ({type(error).__name__})"
+    normalised = two - one
+    if not normalised.abs().max() > 0 or not torch.allclose(three - two, normalised, rtol=1e-4, atol=1e-6):
+        return "its output is not linear in its weight"
+    scale = float((one * normalised).sum() / normalised.pow(2).sum())  # 1 + offset
+    offset = round(scale - 1.0) if abs(scale - 1.0 - round(scale - 1.0)) < 1e-4 else scale - 1.0
+    if not torch.allclose(one, (1.0 + offset) * normalised, rtol=1e-4, atol=1e-6):
+        return "its output is not (weight + offset) times a normalised input"
+    if shifted is not None and not torch.allclose(shifted, one + shift, rtol=1e-4, atol=1e-6):
+        return "its bias does not add to its output"
+    return NormForm(offset=float(offset), bias=bias is not None)
+
+
+def gained_norm_parameters(
+    form: NormForm, weight: torch.Tensor, bias: torch.Tensor | None, gain: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias of a norm of ``form`` whose output is its output with
+    ``weight`` and ``bias`` times ``gain`` (what block tuning writes back)."""
+    if form.offset == 0:
+        tuned = weight * gain  # the same operations as before offsets: bit-identical for Llama
+    else:
+        tuned = (weight + form.offset) * gain - form.offset
+    return tuned, (bias * gain if form.bias and bias is not None else None)
+
+
+def scales_with_weight(norm: torch.nn.Module) -> bool:
+    """Whether ``norm``'s output is its weight times something the weight does
+    not change (``weight * normalised``, as Llama's RMSNorm, no offset, no bias)."""
+    form = norm_form(norm)
+    return isinstance(form, NormForm) and form.offset == 0 and not form.bias

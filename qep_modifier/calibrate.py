@@ -62,12 +62,14 @@ from qep_modifier.block_tuning import (
     column_groups,
     dequantized_weight,
     gained,
+    gained_norm_parameters,
     grid_codes,
+    is_norm,
     keeps_tuning,
     latent_codes,
     mean_loss,
+    norm_form,
     rounded_codes,
-    scales_with_weight,
     token_relative_error,
     tune,
 )
@@ -463,7 +465,7 @@ class CalibrationRun:
     # ---------------------------------------------------------- block tuning
     def tune_layer(self, layer, linears, calls, targets) -> None:
         """Block tuning (``block_tuning_epochs``): Adam steps on ``linears``'
-        group scales and the layer's RMSNorm weights, so the layer's output on
+        group scales and the layer's norm weights, so the layer's output on
         each batch's quantized-stream call (``calls()``) matches ``targets``
         (the full-precision layer's outputs); then the tuned scales, weights and
         norm weights are written back (:mod:`qep_modifier.block_tuning`), unless
@@ -476,6 +478,9 @@ class CalibrationRun:
         block = _TunedBlock(
             layer, {module: self.names[module] for module in linears}, unrounded if code_rate > 0 else None
         )
+        for name, why in block.untuned_norms.items():
+            self.problems.note("norm_untuned", f"{self.layer_names[layer]}.{name}")
+            logger.debug(f"QEP block tuning: {self.layer_names[layer]}.{name} not tuned: {why}")
         step_owners, checked = self._tuning_steps(layer)
         epochs = self.settings.block_tuning_epochs
         progress = tqdm(
@@ -610,10 +615,11 @@ class CalibrationRun:
 
 class _TunedBlock:
     """A layer's tunable parameters for block tuning: a gain on each quantized
-    Linear's scales (codes and zero points held) and on each RMSNorm's output;
-    with ``unrounded`` (code learning), also each Linear's latent codes, started
-    from its unrounded codes (or its codes where it has none) and rounded to
-    the scheme's range in every forward."""
+    Linear's scales (codes and zero points held) and on each norm's output (the
+    norms whose :func:`norm_form` an output gain can stand for); with ``unrounded``
+    (code learning), also each Linear's latent codes, started from its unrounded
+    codes (or its codes where it has none) and rounded to the scheme's range in
+    every forward."""
 
     def __init__(
         self,
@@ -643,12 +649,25 @@ class _TunedBlock:
                 lowest, highest = calculate_range(module.quantization_scheme.weights, codes.device)
                 latent = latent_codes(codes, start).requires_grad_(True)
                 self.latent[module] = (latent, float(lowest), float(highest))
-        self.norms = {
-            module: torch.ones_like(module.weight, dtype=torch.float32, requires_grad=True)
-            for module in layer.modules()
-            if type(module).__name__.endswith("RMSNorm") and scales_with_weight(module)
-        }
+        # every norm of the layer is tuned through an output gain when the gain is a
+        # change of its weight and bias (norm_form); the others are left as they are
+        # and named (untuned_norms: "norm_untuned" in the run's problems)
+        self.norms, self.norm_forms, self.untuned_norms = {}, {}, {}
+        for name, module in layer.named_modules():
+            if not is_norm(module):
+                continue
+            form = norm_form(module)
+            if isinstance(form, str):
+                self.untuned_norms[name] = f"{type(module).__name__}: {form}"
+                continue
+            self.norms[module] = torch.ones_like(module.weight, dtype=torch.float32, requires_grad=True)
+            self.norm_forms[module] = form
         self.norm_weights = {norm: norm.weight.detach().to(torch.float32).clone() for norm in self.norms}
+        self.norm_biases = {
+            norm: norm.bias.detach().to(torch.float32).clone()
+            for norm, form in self.norm_forms.items()
+            if form.bias
+        }
 
     def parameters(self) -> list[torch.Tensor]:
         """The gains, the norms' gains, then the latent codes (if any)."""
@@ -697,8 +716,12 @@ class _TunedBlock:
                 update_offload_parameter(module, "weight", weight.to(module.weight.dtype))
                 update_offload_parameter(module, "weight_scale", scales[module].to(module.weight_scale.dtype))
             for norm, norm_gain in self.norms.items():
-                weight = self.norm_weights[norm] * norm_gain
+                weight, bias = gained_norm_parameters(
+                    self.norm_forms[norm], self.norm_weights[norm], self.norm_biases.get(norm), norm_gain
+                )
                 update_offload_parameter(norm, "weight", weight.to(norm.weight.dtype))
+                if bias is not None:
+                    update_offload_parameter(norm, "bias", bias.to(norm.bias.dtype))
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,8 @@ class QEPModifier(GPTQModifier):
     :param block_tuning_epochs: after a decoder layer's Linears are quantized,
         this many passes of Adam steps (one per calibration batch) over the layer:
         they hold every integer code and zero point and tune the group scales of
-        the Linears just quantized and the layer's RMSNorm weights, so that the
+        the Linears just quantized and the layer's norm weights (and LayerNorm
+        biases: every norm an output gain can stand for), so that the
         layer's output on the quantized stream matches the full-precision layer's
         output on the full-precision stream, per token relative to the token's
         size (:func:`~qep_modifier.block_tuning.token_relative_error`); about

@@ -31,6 +31,9 @@ PROBLEMS = {
     "(raise dampening_frac or use more calibration samples)",
     "auto_fallback": "propagation_strength auto needs calibration batches on both sides of "
     "its split (at least two batches); they were corrected with 0.5",
+    "norm_untuned": "block tuning left these norms as they were: an output gain cannot "
+    "stand for a change of their parameters (no per-channel weight, or an output that is "
+    "not (weight + offset) x a normalised input (+ bias); the reason per norm at DEBUG level)",
     "tuning_fallback": "block tuning did not lower their output error (or left it not "
     "finite), so they kept their untuned scales and norm weights (see "
     "block_tuning_learning_rate)",

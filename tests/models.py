@@ -229,10 +229,10 @@ def family_config(family: str, **overrides):
     return AutoConfig.for_model(model_type, **settings)
 
 
-def save_tiny_family(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
-    """A random tiny model of ``family`` (:data:`FAMILIES`) with a tokenizer beside it.
-    Norm weights and biases are randomised too (their initial ones and zeros would
-    hide a norm that is tuned or rotated the wrong way)."""
+def tiny_family_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """A random tiny model of ``family`` (:data:`FAMILIES`), in memory. Norm weights
+    and biases are randomised too (their initial ones and zeros would hide a norm
+    that is tuned or rotated the wrong way)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -243,6 +243,12 @@ def save_tiny_family(folder: Path, family: str, seed: int = 0, **overrides) -> P
                 parameter.add_(0.1 * torch.randn_like(parameter))
             elif name.endswith("bias"):
                 parameter.normal_(0.0, 0.02)
+    return model.to(dtype).eval()
+
+
+def save_tiny_family(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """:func:`tiny_family_model` with a tokenizer beside it, saved to ``folder``."""
+    model = tiny_family_model(family, seed, **overrides)
     model.save_pretrained(folder)
     word_level_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return folder

@@ -362,3 +362,177 @@ def test_linear_decay_schedule_against_float64_arithmetic():
     # the factor itself: 1 at the first step, 1/N at the last, never below 0
     assert linear_decay(0, steps) == 1.0 and math.isclose(linear_decay(steps - 1, steps), 1 / steps, rel_tol=1e-12)
     assert linear_decay(steps, steps) == 0.0 and linear_decay(steps + 5, steps) == 0.0
+
+
+#: Each family's norms in a decoder layer, as block tuning sees them: name -> (offset, bias).
+_LAYER_NORMS = {
+    "llama": {"input_layernorm": (0, False), "post_attention_layernorm": (0, False)},
+    # q/k norms over the head dimension
+    "qwen3": {
+        "input_layernorm": (0, False), "post_attention_layernorm": (0, False),
+        "self_attn.q_norm": (0, False), "self_attn.k_norm": (0, False),
+    },
+    # Gemma's (1 + w) RMSNorm, sandwich norms around attention and MLP
+    "gemma2": {
+        "input_layernorm": (1, False), "post_attention_layernorm": (1, False),
+        "pre_feedforward_layernorm": (1, False), "post_feedforward_layernorm": (1, False),
+    },
+    "gemma3": {
+        "input_layernorm": (1, False), "post_attention_layernorm": (1, False),
+        "pre_feedforward_layernorm": (1, False), "post_feedforward_layernorm": (1, False),
+        "self_attn.q_norm": (1, False), "self_attn.k_norm": (1, False),
+    },
+    # post-norms and q/k norms over the whole projection width
+    "olmo2": {
+        "post_attention_layernorm": (0, False), "post_feedforward_layernorm": (0, False),
+        "self_attn.q_norm": (0, False), "self_attn.k_norm": (0, False),
+    },
+    # LayerNorm with weight and bias; NeoX and Falcon with parallel attention and MLP
+    "opt": {"self_attn_layer_norm": (0, True), "final_layer_norm": (0, True)},
+    "gpt_neox": {"input_layernorm": (0, True), "post_attention_layernorm": (0, True)},
+    "falcon": {"input_layernorm": (0, True)},
+}
+
+
+def _layers(model):
+    for path in ("model.layers", "model.decoder.layers", "gpt_neox.layers", "transformer.h"):
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise AssertionError(f"no decoder layers in {type(model).__name__}")
+
+
+def _tuned_norms(layer):
+    from qep_modifier.block_tuning import NormForm, is_norm, norm_form
+
+    found = {name: norm_form(module) for name, module in layer.named_modules() if is_norm(module)}
+    assert all(isinstance(form, NormForm) for form in found.values()), found
+    return found
+
+
+@pytest.mark.parametrize("family", list(_LAYER_NORMS))
+def test_a_norm_gain_is_the_same_as_its_changed_parameters_float64(family):
+    # every norm form block tuning tunes: the model with an output gain on each norm
+    # of every layer gives, to float64 rounding, the logits of the model with the
+    # norms' weights (and biases) written back as block tuning writes them
+    import copy
+    from functools import partial
+
+    from compressed_tensors.utils import patch_attr
+
+    from qep_modifier.block_tuning import NormForm, gained, gained_norm_parameters
+    from tests.models import tiny_family_model
+
+    model = tiny_family_model(family, dtype=torch.float64)
+    written = copy.deepcopy(model)
+    input_ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    patches = []
+    for layer, written_layer in zip(_layers(model), _layers(written)):
+        forms = _tuned_norms(layer)
+        assert {name: (form.offset, form.bias) for name, form in forms.items()} == _LAYER_NORMS[family]
+        for name, form in forms.items():
+            norm, target = layer.get_submodule(name), written_layer.get_submodule(name)
+            gain = 0.5 + torch.rand(norm.weight.shape, generator=generator, dtype=torch.float64)
+            patches.append(patch_attr(norm, "forward", partial(gained, norm.forward, gain)))
+            weight, bias = gained_norm_parameters(form, norm.weight.detach(), getattr(norm, "bias", None), gain)
+            with torch.no_grad():
+                target.weight.copy_(weight)
+                if form.bias:
+                    target.bias.copy_(bias)
+    with torch.no_grad():
+        for patch in patches:
+            patch.__enter__()
+        tuned = model(input_ids=input_ids).logits
+        for patch in patches:
+            patch.__exit__(None, None, None)
+        untouched = model(input_ids=input_ids).logits
+        rewritten = written(input_ids=input_ids).logits
+    assert not torch.allclose(tuned, untouched, atol=1e-3)  # the gains do change the output
+    # Gemma's norms compute in float32 whatever the input's dtype: float32 rounding there
+    tolerance = 1e-5 if family.startswith("gemma") else 1e-10
+    torch.testing.assert_close(rewritten, tuned, rtol=tolerance, atol=tolerance)
+    assert isinstance(next(iter(_tuned_norms(_layers(model)[0]).values())), NormForm)
+
+
+def test_offset_norms_in_the_toolkits_calibration_form_are_plain_float64():
+    # oneshot swaps Gemma's (1 + w) norms for CalibrationOffsetNorm (w' = 1 + w) while
+    # calibrating and back afterwards: block tuning sees offset 0 there, and a gain
+    # written into w' comes back as (1 + w) g - 1
+    from llmcompressor.modeling.offset_norm import norm_calibration_context
+
+    from tests.models import tiny_family_model
+
+    model = tiny_family_model("gemma3", dtype=torch.float64)
+    input_ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(0))
+    gain = torch.linspace(0.7, 1.3, 128, dtype=torch.float64)
+    with torch.no_grad():
+        expected_norm = model.model.layers[0].input_layernorm
+        before = expected_norm.weight.clone()
+        with norm_calibration_context(model):
+            forms = _tuned_norms(model.model.layers[0])
+            assert {(form.offset, form.bias) for form in forms.values()} == {(0, False)}
+            assert type(model.model.layers[0].input_layernorm).__name__ == "CalibrationOffsetNorm"
+            model.model.layers[0].input_layernorm.weight.mul_(gain)
+        torch.testing.assert_close(model.model.layers[0].input_layernorm.weight, (1 + before) * gain - 1)
+    assert torch.isfinite(model(input_ids=input_ids).logits).all()
+
+
+class _Squared(torch.nn.Module):
+    """A made-up norm whose output is quadratic in its weight."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(width))
+
+    def forward(self, hidden):
+        return hidden * self.weight**2
+
+
+class _GatedRMSNorm(torch.nn.Module):
+    """Like Qwen3-Next's gated norm: its forward needs a second input."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(width))
+
+    def forward(self, hidden, gate):
+        return hidden * self.weight * torch.nn.functional.silu(gate)
+
+
+@pytest.mark.parametrize(
+    "norm, reason",
+    [
+        (torch.nn.LayerNorm(8, elementwise_affine=False), "it has no per-channel weight"),
+        (_Squared(8), "its output is not linear in its weight"),
+        (_GatedRMSNorm(8), "its forward cannot be probed with one input"),
+    ],
+    ids=["weightless", "quadratic", "gated"],
+)
+def test_norms_a_gain_cannot_stand_for_are_excluded_with_a_reason(norm, reason):
+    from qep_modifier.block_tuning import norm_form
+
+    before = {name: value.clone() for name, value in norm.state_dict().items()}
+    assert norm_form(norm).startswith(reason)
+    assert all(torch.equal(value, before[name]) for name, value in norm.state_dict().items())
+
+
+def test_a_layer_with_weightless_norms_names_them_untuned():
+    # OLMo (the first) has LayerNorms without parameters: block tuning tunes the
+    # layer's scales and names each norm it leaves as it is
+    from transformers import OlmoConfig, OlmoForCausalLM
+
+    from qep_modifier.calibrate import _TunedBlock
+
+    torch.manual_seed(0)
+    model = OlmoForCausalLM(
+        OlmoConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2, pad_token_id=0)
+    )
+    block = _TunedBlock(model.model.layers[0], {})
+    assert not block.norms
+    assert block.untuned_norms == {
+        "input_layernorm": "OlmoLayerNorm: it has no per-channel weight",
+        "post_attention_layernorm": "OlmoLayerNorm: it has no per-channel weight",
+    }

@@ -1,0 +1,222 @@
+"""Every shipped recipe on every decoder family the toolkit and vLLM load (issue 26).
+
+Fourteen tiny random models (``tests.models.FAMILIES``: 2 layers, widths 128 / 256,
+so every shipped group size fits). Three layers of checks:
+
+* up front, every family x every shipped recipe, as ``qep-oneshot`` checks before it
+  loads a weight (``workflow.check_recipe_fits`` on a meta-device skeleton): accepted,
+  or refused in one line naming the model type, the part and what to use instead;
+* through a plain ``oneshot(model, recipe=...)``: the same refusals come before the
+  model is calibrated (``QEPModifier.on_initialize``), where the toolkit would fail
+  inside compressed-tensors (Gemma, Phi-3, OLMo 2, GPT-NeoX, OPT), silently change
+  the model (Qwen3-MoE's router) or quantize nothing (GPT-2's ``Conv1D``);
+* end to end, once per family: a shipped recipe (each of the twelve on some
+  family; the rotating ones on the families they fit) and QEP with scale refits and
+  block tuning without rotation (the asymmetric W3 recipe's QEPModifier alone):
+  every targeted Linear quantized, the output error on held-out tokens below
+  round-to-nearest's on the same grid, saved compressed, reloaded with plain
+  transformers to the same logits.
+
+The whole matrix of every recipe on every family, with the errors, is in
+docs/families.md (measured with the same models and data).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qep_modifier.rotations import SPINQUANT_MODEL_TYPES
+from qep_modifier.workflow import PACKAGED_RECIPES, InputError, check_recipe_fits, load_recipe
+from tests.models import (
+    FAMILIES, family_config, load_model, logits, quantize, save_tiny_family, token_dataset,
+)
+
+RECIPES = sorted(path.stem for path in PACKAGED_RECIPES.glob("*.yaml"))
+ROTATING = {recipe for recipe in RECIPES if "spinquant" in recipe}
+#: 16 x 64 calibration tokens: four times the widest input (256), so that GPTQ's
+#: Hessians are full rank (at 8 x 32 GPTQ fits the calibration tokens and W4 lands
+#: above round-to-nearest on held-out tokens for some families)
+CALIBRATION = dict(num_samples=16, seq_len=64)
+
+#: Which shipped recipe each family runs end to end: all twelve are covered, the
+#: rotating ones on the families whose model type the rotations fit.
+END_TO_END = {
+    "llama": "w2a16_asym_spinquant_qep",
+    "mistral": "w3a16_spinquant_qep",
+    "qwen2": "w4a16_asym_spinquant_qep",
+    "qwen3": "w3a16_asym_spinquant_qep",
+    "granite": "w2a16_spinquant_qep",
+    "qwen3_moe": "w3a16_qep_gptq",
+    "gemma2": "w3a16_qep_foem",
+    "gemma3": "w4a16_qep_gptq",
+    "phi3": "w2a16_qep_gptq",
+    "olmo2": "w3a16_foem",
+    "gpt_neox": "w2a16_qep_foem",
+    "opt": "w4a16_qep_rtn",
+    "falcon": "w3a16_qep_gptq",
+}
+#: Families where QEP with refits and block tuning (no rotation) runs end to end
+#: too: every norm form (Gemma's (1 + w) RMSNorm and sandwich norms, q/k norms,
+#: LayerNorm with a bias, parallel attention / MLP blocks).
+TUNED = ["gemma2", "gemma3", "qwen3", "olmo2", "gpt_neox", "opt", "falcon", "phi3"]
+
+
+def _model_type(family: str) -> str:
+    return FAMILIES[family][0]
+
+
+def _refusal(family: str, recipe: str) -> str | None:
+    """The start of the line refusing ``recipe`` on ``family``, or None when it runs."""
+    model_type = _model_type(family)
+    if recipe in ROTATING and model_type not in SPINQUANT_MODEL_TYPES:
+        return f"SpinQuantModifier does not support model type {model_type}: "
+    if family == "gpt2":
+        owner = next(
+            type(modifier).__name__ for modifier in load_recipe(recipe).modifiers
+            if type(modifier).__name__.endswith(("QEPModifier", "FOEMModifier"))
+        )
+        return f"{owner}: model type gpt2 keeps its projections in transformers Conv1D modules"
+    return None
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """A function: ``family`` -> the folder of its tiny random model (saved once)."""
+    saved = {}
+
+    def folder(family: str):
+        if family not in saved:
+            saved[family] = save_tiny_family(tmp_path_factory.mktemp("families") / family, family)
+        return saved[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def family_data():
+    calibration = token_dataset(CALIBRATION["num_samples"], CALIBRATION["seq_len"], seed=1)
+    held_out = torch.tensor(token_dataset(4, 48, seed=2)["input_ids"])
+    return calibration, held_out
+
+
+def test_the_families_are_the_ones_named():
+    assert set(FAMILIES) == set(END_TO_END) | {"gpt2"}
+    assert set(END_TO_END.values()) == set(RECIPES)  # every shipped recipe runs somewhere
+    for family, recipe in END_TO_END.items():
+        assert _refusal(family, recipe) is None, (family, recipe)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_recipe_is_accepted_or_refused_in_one_line_before_loading(family):
+    config = family_config(family)
+    assert config.model_type == _model_type(family)
+    for recipe in RECIPES:
+        expected = _refusal(family, recipe)
+        if expected is None:
+            check_recipe_fits(config, load_recipe(recipe))
+            continue
+        with pytest.raises(InputError) as refused:
+            check_recipe_fits(config, load_recipe(recipe))
+        message = str(refused.value)
+        assert len(message.splitlines()) == 1, message
+        assert message.startswith(expected), message
+        assert "instead" in message or "use a model whose projections are Linear" in message, message
+        if recipe in ROTATING:
+            bits = recipe[1]
+            assert f"use the packaged recipe w{bits}a16_qep_gptq (no rotation) instead" in message
+
+
+@pytest.mark.parametrize(
+    "family",
+    [family for family in FAMILIES if _model_type(family) not in SPINQUANT_MODEL_TYPES],
+)
+def test_plain_oneshot_refuses_rotations_before_calibrating(family, family_dir, monkeypatch):
+    # the toolkit fuses its rotations at calibration start: where it would fail inside
+    # compressed-tensors (or rotate Qwen3-MoE's experts but not its router), QEP's
+    # on_initialize refuses first, whatever comes after
+    from llmcompressor.modifiers.transform import SpinQuantModifier
+
+    def calibrating(*args, **kwargs):
+        raise AssertionError("SpinQuantModifier started calibrating")
+
+    monkeypatch.setattr(SpinQuantModifier, "on_calibration_start", calibrating)
+    with pytest.raises(ValueError) as refused:
+        quantize(family_dir(family), str(PACKAGED_RECIPES / "w3a16_spinquant_qep.yaml"), token_dataset(2, 16, seed=0))
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"SpinQuantModifier does not support model type {_model_type(family)}: ")
+    assert message.endswith("use the packaged recipe w3a16_qep_gptq (no rotation) instead")
+
+
+def test_plain_oneshot_refuses_conv1d_models_before_calibrating(family_dir, monkeypatch):
+    from qep_modifier import QEPModifier
+
+    def calibrating(*args, **kwargs):
+        raise AssertionError("QEPModifier started calibrating")
+
+    monkeypatch.setattr(QEPModifier, "on_calibration_start", calibrating)
+    with pytest.raises(ValueError) as refused:
+        quantize(family_dir("gpt2"), str(PACKAGED_RECIPES / "w3a16_qep_gptq.yaml"), token_dataset(2, 16, seed=0))
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(_refusal("gpt2", "w3a16_qep_gptq"))
+    assert "(like transformer.h.0.attn.c_attn)" in message
+
+
+@pytest.mark.parametrize("family", list(END_TO_END))
+def test_family_runs_its_recipe_end_to_end(family, family_dir, family_data, tmp_path):
+    _end_to_end(family_dir(family), str(PACKAGED_RECIPES / f"{END_TO_END[family]}.yaml"), family_data, tmp_path)
+
+
+@pytest.mark.parametrize("family", TUNED)
+def test_refits_and_block_tuning_run_end_to_end(family, family_dir, family_data, tmp_path):
+    recipe = load_recipe("w3a16_asym_spinquant_qep")
+    (modifier,) = [modifier for modifier in recipe.modifiers if type(modifier).__name__ == "QEPModifier"]
+    assert modifier.refit_scales and modifier.block_tuning_epochs
+    _end_to_end(family_dir(family), modifier, family_data, tmp_path)
+
+
+def _end_to_end(model_dir, recipe, data, tmp_path):
+    calibration, held_out = data
+    output = tmp_path / "out"
+    model = quantize(model_dir, recipe, calibration, output_dir=str(output))
+    # every targeted Linear (all but lm_head) carries a grid, and its weight is on it
+    linears = {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"
+    }
+    unquantized = [name for name, module in linears.items() if not hasattr(module, "weight_scale")]
+    assert linears and not unquantized, unquantized
+    args = next(iter(linears.values())).quantization_scheme.weights
+    quantized = logits(model, held_out)
+    reference = logits(load_model(model_dir), held_out)
+    rtn = logits(_round_to_nearest(load_model(model_dir), list(linears), args), held_out)
+    error, rtn_error = _relative_error(quantized, reference), _relative_error(rtn, reference)
+    assert error < rtn_error, (error, rtn_error)
+    # saved compressed, reloaded by plain transformers to the same logits
+    assert "pack-quantized" in (output / "config.json").read_text()
+    torch.testing.assert_close(logits(load_model(output), held_out), quantized, rtol=1e-4, atol=1e-4)
+
+
+def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output - reference).pow(2).sum() / reference.pow(2).sum())
+
+
+@torch.no_grad()
+def _round_to_nearest(model, names, args):
+    """``model`` with the weights of ``names`` rounded to ``args``' grid (min-max
+    scales per group: round-to-nearest as the toolkit's default observer does it).
+    Mixture-of-experts blocks are first split into Linears as ``oneshot`` does."""
+    from compressed_tensors.quantization.lifecycle import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes, linearize_moe
+
+    if get_non_linearized_moes(model):
+        linearize_moe(model)
+    for name in names:
+        weight = model.get_submodule(name).weight
+        groups = weight.reshape(weight.shape[0], -1, args.group_size)
+        scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+        weight.copy_(fake_quantize(weight, scale, zero_point, args))
+    return model
