@@ -57,9 +57,11 @@ END_TO_END = {
     "falcon": "w3a16_qep_gptq",
 }
 #: Families where QEP with refits and block tuning (no rotation) runs end to end
-#: too: every norm form (Gemma's (1 + w) RMSNorm and sandwich norms, q/k norms,
-#: LayerNorm with a bias, parallel attention / MLP blocks).
-TUNED = ["gemma2", "gemma3", "qwen3", "olmo2", "gpt_neox", "opt", "falcon", "phi3"]
+#: too, one per norm form beyond Llama's (which the rotating recipes tune):
+#: Gemma's (1 + w) RMSNorm with sandwich and q/k norms (Gemma 3), post-norms and
+#: q/k norms over the whole projection (OLMo 2), LayerNorm with a bias (OPT), and
+#: one LayerNorm before parallel attention and MLP (Falcon).
+TUNED = ["gemma3", "olmo2", "opt", "falcon"]
 
 
 def _model_type(family: str) -> str:
@@ -175,6 +177,7 @@ def test_refits_and_block_tuning_run_end_to_end(family, family_dir, family_data,
     (modifier,) = [modifier for modifier in recipe.modifiers if type(modifier).__name__ == "QEPModifier"]
     assert modifier.refit_scales and modifier.block_tuning_epochs
     _end_to_end(family_dir(family), modifier, family_data, tmp_path)
+    assert "norm_untuned" not in modifier.problems  # every norm of these forms is tuned
 
 
 def _end_to_end(model_dir, recipe, data, tmp_path):
