@@ -23,6 +23,8 @@ docs/families.md (measured with the same models and data).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -57,11 +59,12 @@ END_TO_END = {
     "falcon": "w3a16_qep_gptq",
 }
 #: Families where QEP with refits and block tuning (no rotation) runs end to end
-#: too, one per norm form beyond Llama's (which the rotating recipes tune):
-#: Gemma's (1 + w) RMSNorm with sandwich and q/k norms (Gemma 3), post-norms and
-#: q/k norms over the whole projection (OLMo 2), LayerNorm with a bias (OPT), and
-#: one LayerNorm before parallel attention and MLP (Falcon).
-TUNED = ["gemma3", "olmo2", "opt", "falcon"]
+#: too: every family the rotations are refused on, so every norm form beyond
+#: Llama's (which the rotating recipes tune): Gemma's (1 + w) RMSNorm with sandwich
+#: and q/k norms, post-norms and q/k norms over the whole projection (OLMo 2),
+#: LayerNorm with a bias (OPT, GPT-NeoX), one LayerNorm before parallel attention
+#: and MLP (Falcon), fused projections (Phi-3), experts (Qwen3-MoE).
+TUNED = [family for family in END_TO_END if FAMILIES[family][0] not in SPINQUANT_MODEL_TYPES]
 
 
 def _model_type(family: str) -> str:
@@ -80,6 +83,17 @@ def _refusal(family: str, recipe: str) -> str | None:
         )
         return f"{owner}: model type gpt2 keeps its projections in transformers Conv1D modules"
     return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while this file runs: the models are tiny, and on a busy
+    2-core machine a second thread spinning for the other core took up to 20 times the
+    time of a case (the whole file: 6 1/2 minutes against under 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -168,19 +182,45 @@ def test_plain_oneshot_refuses_conv1d_models_before_calibrating(family_dir, monk
 
 @pytest.mark.parametrize("family", list(END_TO_END))
 def test_family_runs_its_recipe_end_to_end(family, family_dir, family_data, tmp_path):
-    _end_to_end(family_dir(family), str(PACKAGED_RECIPES / f"{END_TO_END[family]}.yaml"), family_data, tmp_path)
+    _end_to_end(family, family_dir(family), str(PACKAGED_RECIPES / f"{END_TO_END[family]}.yaml"), family_data, tmp_path)
 
 
 @pytest.mark.parametrize("family", TUNED)
 def test_refits_and_block_tuning_run_end_to_end(family, family_dir, family_data, tmp_path):
-    recipe = load_recipe("w3a16_asym_spinquant_qep")
-    (modifier,) = [modifier for modifier in recipe.modifiers if type(modifier).__name__ == "QEPModifier"]
+    # Qwen3-MoE on the symmetric grid: transformers 5.17 cannot reload its experts
+    # with zero points (test_asymmetric_experts_do_not_reload_in_transformers)
+    modifier = _tuned_qep(symmetric=family == "qwen3_moe")
     assert modifier.refit_scales and modifier.block_tuning_epochs
-    _end_to_end(family_dir(family), modifier, family_data, tmp_path)
+    _end_to_end(family, family_dir(family), modifier, family_data, tmp_path)
     assert "norm_untuned" not in modifier.problems  # every norm of these forms is tuned
 
 
-def _end_to_end(model_dir, recipe, data, tmp_path):
+def test_asymmetric_experts_do_not_reload_in_transformers(family_dir, family_data, tmp_path):
+    # a known limit outside QEP (docs/families.md): transformers 5.17 turns the saved
+    # per-expert Linears back into fused experts and drops their zero points; this
+    # test fails when that is fixed, and the symmetric detour above can go
+    calibration, _ = family_data
+    quantize(family_dir("qwen3_moe"), _tuned_qep(symmetric=False, refit_scales=0, block_tuning_epochs=0),
+             calibration, output_dir=str(tmp_path / "out"))
+    with pytest.raises(RuntimeError, match="conversion of the weights"):
+        load_model(tmp_path / "out")
+
+
+def _tuned_qep(symmetric: bool = False, **fields):
+    """The QEPModifier of ``w3a16_asym_spinquant_qep`` (asymmetric W3 g64, refits and
+    block tuning) without its rotation; ``symmetric``: on the symmetric grid."""
+    import yaml
+
+    from qep_modifier import QEPModifier
+
+    text = (PACKAGED_RECIPES / "w3a16_asym_spinquant_qep.yaml").read_text()
+    settings = yaml.safe_load(text)["quant_stage"]["quant_modifiers"]["QEPModifier"]
+    settings["config_groups"]["group_0"]["weights"]["symmetric"] = symmetric
+    settings.update(fields)
+    return QEPModifier(**settings)
+
+
+def _end_to_end(family, model_dir, recipe, data, tmp_path):
     calibration, held_out = data
     output = tmp_path / "out"
     model = quantize(model_dir, recipe, calibration, output_dir=str(output))
@@ -197,8 +237,14 @@ def _end_to_end(model_dir, recipe, data, tmp_path):
     rtn = logits(_round_to_nearest(load_model(model_dir), list(linears), args), held_out)
     error, rtn_error = _relative_error(quantized, reference), _relative_error(rtn, reference)
     assert error < rtn_error, (error, rtn_error)
-    # saved compressed, reloaded by plain transformers to the same logits
-    assert "pack-quantized" in (output / "config.json").read_text()
+    # saved compressed, reloaded by plain transformers to the same logits. Falcon's
+    # projections are FalconLinear, a subclass of Linear, and compressed-tensors 0.19
+    # packs only modules whose type is exactly Linear: its checkpoint is written
+    # unpacked ("dense": float weights beside their scales), which is also what reloads
+    # (forced to pack-quantized, transformers cannot reload it: FalconLinear.forward
+    # reads self.weight); docs/families.md
+    config = json.loads((output / "config.json").read_text())["quantization_config"]
+    assert config["format"] == ("dense" if family == "falcon" else "pack-quantized"), config["format"]
     torch.testing.assert_close(logits(load_model(output), held_out), quantized, rtol=1e-4, atol=1e-4)
 
 
