@@ -252,3 +252,27 @@ def save_tiny_family(folder: Path, family: str, seed: int = 0, **overrides) -> P
     model.save_pretrained(folder)
     word_level_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return folder
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||output - reference||^2 / ||reference||^2`` (logits on held-out tokens)."""
+    return float((output - reference).pow(2).sum() / reference.pow(2).sum())
+
+
+@torch.no_grad()
+def round_to_nearest(model, names, args):
+    """``model`` with the weights of ``names`` rounded to ``args``' grid (min-max
+    scales per group: round-to-nearest as the toolkit's default observer does it).
+    Mixture-of-experts blocks are first split into Linears as ``oneshot`` does."""
+    from compressed_tensors.quantization.lifecycle import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes, linearize_moe
+
+    if get_non_linearized_moes(model):
+        linearize_moe(model)
+    for name in names:
+        weight = model.get_submodule(name).weight
+        groups = weight.reshape(weight.shape[0], -1, args.group_size)
+        scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+        weight.copy_(fake_quantize(weight, scale, zero_point, args))
+    return model

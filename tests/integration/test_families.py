@@ -31,7 +31,8 @@ import torch
 from qep_modifier.rotations import SPINQUANT_MODEL_TYPES
 from qep_modifier.workflow import PACKAGED_RECIPES, InputError, check_recipe_fits, load_recipe
 from tests.models import (
-    FAMILIES, family_config, load_model, logits, quantize, save_tiny_family, token_dataset,
+    FAMILIES, family_config, load_model, logits, quantize, relative_error, round_to_nearest, save_tiny_family,
+    token_dataset,
 )
 
 RECIPES = sorted(path.stem for path in PACKAGED_RECIPES.glob("*.yaml"))
@@ -234,8 +235,8 @@ def _end_to_end(family, model_dir, recipe, data, tmp_path):
     args = next(iter(linears.values())).quantization_scheme.weights
     quantized = logits(model, held_out)
     reference = logits(load_model(model_dir), held_out)
-    rtn = logits(_round_to_nearest(load_model(model_dir), list(linears), args), held_out)
-    error, rtn_error = _relative_error(quantized, reference), _relative_error(rtn, reference)
+    rtn = logits(round_to_nearest(load_model(model_dir), list(linears), args), held_out)
+    error, rtn_error = relative_error(quantized, reference), relative_error(rtn, reference)
     assert error < rtn_error, (error, rtn_error)
     # saved compressed, reloaded by plain transformers to the same logits. Falcon's
     # projections are FalconLinear, a subclass of Linear, and compressed-tensors 0.19
@@ -246,26 +247,3 @@ def _end_to_end(family, model_dir, recipe, data, tmp_path):
     config = json.loads((output / "config.json").read_text())["quantization_config"]
     assert config["format"] == ("dense" if family == "falcon" else "pack-quantized"), config["format"]
     torch.testing.assert_close(logits(load_model(output), held_out), quantized, rtol=1e-4, atol=1e-4)
-
-
-def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((output - reference).pow(2).sum() / reference.pow(2).sum())
-
-
-@torch.no_grad()
-def _round_to_nearest(model, names, args):
-    """``model`` with the weights of ``names`` rounded to ``args``' grid (min-max
-    scales per group: round-to-nearest as the toolkit's default observer does it).
-    Mixture-of-experts blocks are first split into Linears as ``oneshot`` does."""
-    from compressed_tensors.quantization.lifecycle import fake_quantize
-    from compressed_tensors.quantization.utils import calculate_qparams
-    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes, linearize_moe
-
-    if get_non_linearized_moes(model):
-        linearize_moe(model)
-    for name in names:
-        weight = model.get_submodule(name).weight
-        groups = weight.reshape(weight.shape[0], -1, args.group_size)
-        scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-        weight.copy_(fake_quantize(weight, scale, zero_point, args))
-    return model
