@@ -53,6 +53,7 @@ from qep_modifier.strength import (
     check_propagation_strength,
     warn_unmatched_patterns,
 )
+from qep_modifier.tracing import expose_local_mask_functions
 
 __all__ = ["QEPModifier", "FOEMModifier", "NonFiniteWeights", "DEFAULT_PROPAGATION_STRENGTH"]
 
@@ -357,6 +358,7 @@ class QEPModifier(GPTQModifier):
     def on_initialize(self, state: State, **kwargs) -> bool:
         self._check_fields_together()  # again: fields may change after parsing
         check_session_rotations(state.model)  # before SpinQuantModifier fuses (calibration start)
+        expose_local_mask_functions(state.model)  # before the pipeline traces it: a causal mask
         # the toolkit's own divisibility check lists every module; QEP's says
         # which widths do not fit and which group sizes would (it also catches
         # modules narrower than a group, which the toolkit lets through)

@@ -247,3 +247,28 @@ def _end_to_end(family, model_dir, recipe, data, tmp_path):
     config = json.loads((output / "config.json").read_text())["quantization_config"]
     assert config["format"] == ("dense" if family == "falcon" else "pack-quantized"), config["format"]
     torch.testing.assert_close(logits(load_model(output), held_out), quantized, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mistral", "phi3", "qwen3_moe", "llama"])
+def test_decoder_layers_calibrate_with_causal_attention(family, family_dir):
+    # Mistral, Phi-3 and Qwen3-MoE pick their mask through a local mask_function,
+    # which llm-compressor's tracing would bake in as None (qep_modifier.tracing):
+    # the first calibration call of layer 0's o_proj sees what a plain causal
+    # forward gives it, not what an all-visible mask gives
+    from qep_modifier import QEPModifier
+
+    model = load_model(family_dir(family))
+    calibration = token_dataset(1, 16, seed=4)
+    input_ids = torch.tensor(calibration["input_ids"])
+    o_proj = model.model.layers[0].self_attn.o_proj
+    seen = []
+    handle = o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        model(input_ids=input_ids)
+        model(input_ids=input_ids, attention_mask=torch.zeros(1, 1, 16, 16))  # all visible
+    causal, visible = seen[0], seen[1]
+    seen.clear()
+    assert not torch.allclose(causal, visible, atol=1e-3)
+    quantize(model, QEPModifier(targets="Linear", ignore=["lm_head"], scheme="W4A16", refit_scales=0), calibration)
+    handle.remove()
+    torch.testing.assert_close(seen[0], causal, rtol=1e-5, atol=1e-5)
