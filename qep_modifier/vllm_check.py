@@ -281,7 +281,10 @@ def _no_weight_loader(*args, **kwargs):  # parameters are never loaded here
 
 
 def vllm_expected_spec(
-    quantization_config: dict, sizes: dict[str, tuple[int, int]], params_dtype: str
+    quantization_config: dict,
+    sizes: dict[str, tuple[int, int]],
+    params_dtype: str,
+    biased: frozenset[str] = frozenset(),
 ):
     """The parameters vLLM creates for each quantized Linear.
 
@@ -291,7 +294,10 @@ def vllm_expected_spec(
     vLLM would not load at all (no scheme, or its ``create_weights`` failed),
     ``notes`` are ``(prefix, reason)`` for layers vLLM found no kernel for on
     this platform (the layout is still compared), ``schemes`` maps each layer whose
-    parameters were created to its scheme's class name.
+    parameters were created to its scheme's class name. ``biased``: the prefixes
+    whose Linear has a bias (OPT, GPT-NeoX, Qwen2's q/k/v): vLLM's linear layer
+    itself, not the scheme, creates ``bias`` for them, in ``params_dtype``, one
+    per output feature.
     """
     _import_vllm()
     import torch
@@ -351,6 +357,8 @@ def vllm_expected_spec(
                     str(param.dtype).removeprefix("torch."),
                     tuple(param.shape),
                 )
+            if prefix in biased:
+                expected[f"{prefix}.bias"] = (params_dtype, (out_features,))
         _destroy_process_group()
     return expected, problems, notes, schemes
 
@@ -418,7 +426,10 @@ def _check(vllm, checkpoint: Path, dtype_name: str | None, require_kernel: bool)
     problems = [f"missing tensor: {p}.weight_shape (needed for N, K)" for p in prefixes if p not in sizes]
 
     dtype = dtype_name or _model_dtype(config)
-    expected, vllm_problems, notes, schemes = vllm_expected_spec(quantization_config, sizes, dtype)
+    biased = frozenset(prefix for prefix in prefixes if f"{prefix}.bias" in actual_all)
+    expected, vllm_problems, notes, schemes = vllm_expected_spec(
+        quantization_config, sizes, dtype, biased
+    )
     problems += vllm_problems
     actual = _layer_tensors(actual_all, schemes)
     problems += compare_specs(expected, actual)

@@ -1,12 +1,15 @@
 """Write the tiny checkpoints that ``scripts/check_vllm.sh`` hands to vLLM's loader classes.
 
     python scripts/vllm_checkpoints.py OUT_DIR [--group 32] [--schemes w4-sym,...] [--recipes all|NAME,...]
+        [--families none|all|llama,gemma3,...]
 
 Run with this project's environment (it quantizes with ``QEPModifier``). Into ``OUT_DIR`` it
 writes one compressed checkpoint of a tiny random Llama per scheme (``w{4,3,2}-g{group}-{sym,asym}``:
 QEPModifier with that grid) and one per shipped recipe (``recipe-<name>``: the YAML under
 ``qep_modifier/recipes/`` as a user runs it, rotations included), then prints each folder's
-path on its own line after ``wrote``. The layout is what is checked, not the quality: four
+path on its own line after ``wrote``. ``--families``: one more per decoder family of
+``tests/models.FAMILIES`` (``family-<name>``: its tiny random model, QEPModifier at W3 with the
+group, symmetric; GPT-2, whose ``Conv1D`` nothing quantizes, is left out). The layout is what is checked, not the quality: four
 calibration samples of 32 tokens.
 """
 
@@ -31,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--recipes", default="all", help="comma list of recipe file names (or stems), all, or none"
     )
+    parser.add_argument(
+        "--families", default="none", help="comma list of tests/models.FAMILIES names, all, or none"
+    )
     args = parser.parse_args(argv)
     args.schemes = [] if args.schemes == "none" else args.schemes.split(",")
     unknown = sorted(set(args.schemes) - set(SCHEMES))
@@ -47,6 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         if missing:
             parser.error(f"--recipes: no {missing} in {RECIPES}; shipped: {sorted(shipped)}")
         args.recipes = [shipped[name] for name in names]
+    sys.path.insert(0, str(REPO))
+    from tests.models import FAMILIES
+
+    quantizable = [name for name in FAMILIES if name != "gpt2"]
+    if args.families in ("all", "none"):
+        args.families = quantizable if args.families == "all" else []
+    else:
+        args.families = args.families.split(",")
+        unknown = sorted(set(args.families) - set(quantizable))
+        if unknown:
+            parser.error(f"--families: unknown {unknown}; allowed: {quantizable}")
     return args
 
 
@@ -54,7 +71,7 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))
     from qep_modifier import QEPModifier  # also registers the modifier for the recipes
-    from tests.models import group_scheme, quantize, save_tiny_llama, token_dataset
+    from tests.models import group_scheme, quantize, save_tiny_family, save_tiny_llama, token_dataset
 
     work = args.out_dir
     model = save_tiny_llama(work / "tiny-fp")
@@ -74,6 +91,15 @@ def main(argv=None) -> list[Path]:
     for recipe in args.recipes:
         folder = work / f"recipe-{recipe.stem}"
         quantize(model, str(recipe), calibration, output_dir=str(folder))
+        written.append(folder)
+        print("wrote", folder, flush=True)
+    for family in args.families:
+        folder = work / f"family-{family}"
+        source = save_tiny_family(work / f"tiny-{family}", family)
+        modifier = QEPModifier(
+            targets="Linear", ignore=["lm_head"], config_groups=group_scheme(3, args.group)
+        )
+        quantize(source, modifier, calibration, output_dir=str(folder))
         written.append(folder)
         print("wrote", folder, flush=True)
     return written

@@ -198,9 +198,27 @@ def test_check_script_writes_scheme_and_recipe_checkpoints(tmp_path, capsys):
     _assert_dense_layout(written[1], bits=3, group_size=64, symmetric=False)
 
 
+def test_check_script_writes_a_family_checkpoint_with_its_biases(tmp_path):
+    from safetensors import safe_open
+
+    (folder,) = _checkpoint_writer().main(
+        [str(tmp_path), "--schemes", "none", "--recipes", "none", "--families", "opt"]
+    )
+    assert folder == tmp_path / "family-opt"
+    import json
+
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    (file,) = folder.glob("*.safetensors")
+    with safe_open(str(file), framework="pt") as handle:
+        names = set(handle.keys())
+    assert "model.decoder.layers.0.fc1.weight_packed" in names
+    assert "model.decoder.layers.0.fc1.bias" in names
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--schemes", "w5-sym"], "--schemes: unknown ['w5-sym']"),
     (["--recipes", "w9a16_nothing"], "--recipes: no ['w9a16_nothing']"),
+    (["--families", "gpt2"], "--families: unknown ['gpt2']"),
 ])
 def test_check_script_refuses_unknown_schemes_and_recipes(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -394,3 +412,28 @@ def test_main_checks_several_checkpoints_in_one_process(checkpoint, tmp_path, mo
     fake_vllm(monkeypatch, packing="dense")
     assert vllm_check.main([str(checkpoint), str(checkpoint)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "all 2 checkpoints match what vLLM creates"
+
+
+def test_main_expects_the_bias_vllm_creates_beside_a_biased_linear(checkpoint, tmp_path, monkeypatch, capsys):
+    """A quantized Linear with a bias (OPT, GPT-NeoX, Qwen2's q/k/v): vLLM's linear layer
+    creates ``bias`` itself (one per output feature, in the model dtype), so the file's bias
+    is expected, and one of another size is a mismatch."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    biased = tmp_path / "biased"
+    shutil.copytree(checkpoint, biased)
+    (file,) = biased.glob("*.safetensors")
+    tensors = load_file(file)
+    out_features = int(tensors["model.layers.0.self_attn.q_proj.weight_shape"][0])
+    up_features = int(tensors["model.layers.0.mlp.up_proj.weight_shape"][0])
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(out_features)
+    tensors["model.layers.0.mlp.up_proj.bias"] = torch.zeros(up_features + 1)
+    save_file(tensors, file, metadata={"format": "pt"})
+    fake_vllm(monkeypatch, packing="dense")
+    assert vllm_check.main([str(biased)]) == 1
+    problems = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("wrong", "missing", "extra"))]
+    assert problems == [
+        f"wrong shape: model.layers.0.mlp.up_proj.bias: file [{up_features + 1}], vLLM expects [{up_features}]"
+    ]
