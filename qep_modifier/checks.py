@@ -60,6 +60,21 @@ def check_modules(
     check_group_sizes(named_modules, owner)
 
 
+def check_sweep_on_observer_scales(
+    base: str, group_scales: str, for_base: str, for_group_scales: str
+) -> None:
+    """What a field built on the GPTQ sweep over the observer's scales needs
+    (``refit_scales``, ``block_tuning_code_learning_rate``): ``base: gptq`` and
+    ``group_scales: observer``. ``for_base`` / ``for_group_scales`` open the
+    line: the field and why it needs each."""
+    if base != "gptq":
+        raise ValueError(f"{for_base}: it needs base: gptq, got base: {base}")
+    if group_scales != "observer":
+        raise ValueError(
+            f"{for_group_scales}: it needs group_scales: observer, got group_scales: {group_scales}"
+        )
+
+
 def check_code_learning(rate: float, block_tuning_epochs: int, base: str, group_scales: str) -> None:
     """What ``block_tuning_code_learning_rate > 0`` needs: block tuning, and the
     GPTQ sweep on the observer's scales (whose unrounded weights the latent
@@ -71,16 +86,14 @@ def check_code_learning(rate: float, block_tuning_epochs: int, base: str, group_
             f"block_tuning_code_learning_rate: {rate} moves the codes during block tuning: "
             f"it needs block_tuning_epochs >= 1, got block_tuning_epochs: {block_tuning_epochs}"
         )
-    if base != "gptq":
-        raise ValueError(
-            f"block_tuning_code_learning_rate: {rate} starts the codes from the GPTQ sweep's "
-            f"unrounded weights: it needs base: gptq, got base: {base}"
-        )
-    if group_scales != "observer":
-        raise ValueError(
-            f"block_tuning_code_learning_rate: {rate} starts the codes from the sweep on the "
-            f"observer's scales: it needs group_scales: observer, got group_scales: {group_scales}"
-        )
+    check_sweep_on_observer_scales(
+        base,
+        group_scales,
+        f"block_tuning_code_learning_rate: {rate} starts the codes from the GPTQ sweep's "
+        "unrounded weights",
+        f"block_tuning_code_learning_rate: {rate} starts the codes from the sweep on the "
+        "observer's scales",
+    )
 
 
 def check_targets_match(

@@ -44,6 +44,7 @@ from qep_modifier.checks import (
     check_modules,
     check_observer_name,
     check_scheme,
+    check_sweep_on_observer_scales,
     check_targets_match,
 )
 from qep_modifier.distributed import check_distinct_shards
@@ -327,15 +328,12 @@ class QEPModifier(GPTQModifier):
                 "scheme and config_groups are both set; give one: scheme (a preset such "
                 "as W4A16) or config_groups (the scheme written out)"
             )
-        if self.refit_scales and self.base != "gptq":
-            raise ValueError(
-                "refit_scales refits the scales to the GPTQ sweep's codes: it needs "
-                f"base: gptq, got base: {self.base}"
-            )
-        if self.refit_scales and self.group_scales != "observer":
-            raise ValueError(
-                "refit_scales refits the observer's scales after the sweep: it needs "
-                f"group_scales: observer, got group_scales: {self.group_scales}"
+        if self.refit_scales:
+            check_sweep_on_observer_scales(
+                self.base,
+                self.group_scales,
+                "refit_scales refits the scales to the GPTQ sweep's codes",
+                "refit_scales refits the observer's scales after the sweep",
             )
         check_code_learning(
             self.block_tuning_code_learning_rate, self.block_tuning_epochs, self.base, self.group_scales
