@@ -178,13 +178,15 @@ def check_recipe_fits(config, recipe) -> None:
 def check_rotations_fit(config, recipe) -> None:
     """Refuse a ``SpinQuantModifier`` on a model type outside
     :data:`~qep_modifier.rotations.SPINQUANT_MODEL_TYPES` (unless the recipe gives
-    its own ``mappings`` or ``transform_config``), in one line naming the model
-    type and the packaged recipe without rotation to use instead
-    (:func:`~qep_modifier.rotations.rotation_misfit`)."""
+    its own ``transform_config``), in one line naming the model type and the
+    packaged recipe without rotation to use instead
+    (:func:`~qep_modifier.rotations.rotation_misfit`). A recipe's own ``mappings``
+    do not count: llm-compressor 0.14.0.1's ``SpinQuantModifier.on_initialize``
+    replaces them with the ones it infers from the model's class."""
     problem = rotation_misfit(
         getattr(config, "model_type", None),
         recipe.modifiers,
-        lambda modifier: bool({"mappings", "transform_config"} & set(modifier.model_fields_set)),
+        lambda modifier: "transform_config" in modifier.model_fields_set,
     )
     if problem is not None:
         raise InputError(problem)

@@ -304,3 +304,33 @@ def test_spinquant_on_a_model_type_it_does_not_support_is_refused_before_loading
     assert not (tmp_path / "out").exists()
     # a family its rotations were checked on passes
     check_recipe_fits(tiny_llama_config(num_hidden_layers=1), load_recipe("w3a16_spinquant_qep"))
+
+
+def test_spinquant_mappings_of_the_recipe_do_not_lift_the_refusal():
+    # llm-compressor 0.14.0.1's SpinQuantModifier.on_initialize replaces a recipe's own
+    # mappings with the ones it infers from the model's class (it keeps them only when
+    # a transform_config is given), so mappings alone must not let gemma3 through
+    from types import SimpleNamespace
+
+    from llmcompressor.modifiers.transform import SpinQuantModifier
+    from llmcompressor.modifiers.transform.spinquant.mappings import SpinQuantMapping
+    from transformers import AutoConfig
+
+    from qep_modifier.workflow import InputError, check_recipe_fits, load_recipe
+
+    config = AutoConfig.for_model(
+        "gemma3_text", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    )
+    packaged = load_recipe("w3a16_spinquant_qep").modifiers
+    spinquant = next(modifier for modifier in packaged if isinstance(modifier, SpinQuantModifier))
+    mappings = SpinQuantMapping(
+        embedding="re:.*embed_tokens$", attn="re:.*self_attn$", attn_q="re:.*q_proj$", attn_k="re:.*k_proj$",
+        attn_v="re:.*v_proj$", attn_o="re:.*o_proj$", mlp_in=["re:.*up_proj$", "re:.*gate_proj$"],
+        mlp_out=["re:.*down_proj$"], lm_head="lm_head",
+    )
+    with_mappings = SpinQuantModifier(rotations=spinquant.rotations, transform_type=spinquant.transform_type, mappings=mappings)
+    assert "mappings" in with_mappings.model_fields_set
+    recipe = SimpleNamespace(modifiers=[with_mappings, *(m for m in packaged if m is not spinquant)])
+    with pytest.raises(InputError, match=r"^SpinQuantModifier does not support model type gemma3_text: "):
+        check_recipe_fits(config, recipe)
