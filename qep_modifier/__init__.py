@@ -2,7 +2,8 @@
 
 Importing the package registers ``QEPModifier`` and ``FOEMModifier`` (FOEM
 without QEP) with llm-compressor's ``ModifierFactory``, so recipes (and the
-``recipe.yaml`` saved into a checkpoint) resolve them by name.
+``recipe.yaml`` saved into a checkpoint) resolve them by name, and registers
+the ``full_range_mse`` weight observer (:mod:`qep_modifier.full_range`).
 """
 
 import os
@@ -23,6 +24,7 @@ finally:
     if _quiet_import:
         del os.environ["LLM_COMPRESSOR_LOG_DISABLED"]
 
+from qep_modifier import full_range  # noqa: F401  (registers the full_range_mse observer)
 from qep_modifier.modifier import (
     DEFAULT_PROPAGATION_STRENGTH,
     FOEMModifier,

@@ -577,7 +577,8 @@ def refit_group_scales(
 
     ``rho`` (``1e-6`` of the mean of ``diag(A^T H A)``) keeps groups whose codes
     are all zero at their old scale ``s0``. A row keeps its old scales when a new
-    one is not finite or not positive, or when the new ones do not lower the
+    one is not finite or is zero or of the other sign than the old one (the
+    full-range grid's scales may be negative), or when the new ones do not lower the
     row's error. New scales are rounded to ``storage_dtype`` (the dtype the
     checkpoint stores them in) before the weights are rebuilt and compared.
 
@@ -653,7 +654,8 @@ def refit_group_scales(
             - 2 * (change * gradient).sum(-1)
             + (change.unsqueeze(-2) @ system @ change.unsqueeze(-1))[..., 0, 0]
         )
-        good = (info == 0) & torch.isfinite(solved).all(-1) & (solved > 0).all(-1)
+        # a scale may not reach or cross zero (signed full-range scales keep their sign)
+        good = (info == 0) & torch.isfinite(solved).all(-1) & (solved * old > 0).all(-1)
         good &= after < before
         new_scale[:, r1:r2] = torch.where(good.unsqueeze(-1), solved, old)
         errors[0, :, r1:r2] = before

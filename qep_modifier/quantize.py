@@ -255,9 +255,15 @@ class GroupQuantizer:
             keep_inputs = bool(self.refit_scales)
             unrounded = torch.empty_like(weights) if self.keep_unrounded else None
             asked = {} if unrounded is None else {"unrounded": unrounded}  # refilled by each sweep
+            column_sweep = self.column_sweep
+            if column_sweep is quantize_weight and bool((scales < 0).any()):
+                # signed scales (the full_range_mse observer): the toolkit's fused
+                # GPU block update clamps every scale to positive; ours is its eager
+                # sweep operation for operation
+                column_sweep = partial(quantize_weight_first_order, **self.first_order)
 
             def run_sweep(scales):
-                return self.column_sweep(
+                return column_sweep(
                     weights=weights.clone() if keep_inputs else weights,
                     hessians=hessians.clone() if keep_inputs else hessians,
                     scale=scales,

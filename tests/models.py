@@ -89,9 +89,11 @@ def load_model(model_dir: Path):
     ).eval()
 
 
-def group_scheme(num_bits: int, group_size: int | None, symmetric: bool = True, actorder=None):
+def group_scheme(num_bits: int, group_size: int | None, symmetric: bool = True, actorder=None, observer=None):
     """``config_groups`` for weight-only int on every Linear."""
     weights = {"num_bits": num_bits, "type": "int", "symmetric": symmetric}
+    if observer is not None:
+        weights["observer"] = observer
     if group_size is None:
         weights["strategy"] = "channel"
     else:

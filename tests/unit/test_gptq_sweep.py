@@ -571,7 +571,7 @@ def test_sweep_group_scales_land_on_their_grid(symmetric, beta):
     inputs = torch.randn(1, 256, 64, generator=generator) * torch.linspace(0.2, 3, 64)
     hessians = inputs.transpose(1, 2) @ inputs / 256
     args = _group_args(symmetric=symmetric)
-    observer = Observer.load_from_registry("memoryless_mse", base_name="weight", args=args)
+    observer = Observer.load_from_registry(observer, base_name="weight", args=args)
     seen = []
 
     def by_observer(item, group_weights):
@@ -592,14 +592,15 @@ def test_sweep_group_scales_land_on_their_grid(symmetric, beta):
 # ------------------------------------------------ scales refitted to the sweep's codes
 
 
-def _refit_problem(symmetric=True, bits=3, group_size=16, rows=8, columns=64, seed=7):
-    """GPTQ output on an mse grid, with its target weights and Hessian."""
+def _refit_problem(symmetric=True, bits=3, group_size=16, rows=8, columns=64, seed=7, observer="memoryless_mse"):
+    """GPTQ output on an mse grid (``full_range_mse``: signed scales), with its
+    target weights and Hessian."""
     generator = torch.Generator().manual_seed(seed)
     weights = torch.randn(1, rows, columns, generator=generator)
     inputs = torch.randn(1, 512, columns, generator=generator) * torch.linspace(0.2, 3, columns)
     hessians = inputs.transpose(1, 2) @ inputs / 512
     args = _group_args(bits=bits, group_size=group_size, symmetric=symmetric)
-    observer = Observer.load_from_registry("memoryless_mse", base_name="weight", args=args)
+    observer = Observer.load_from_registry(observer, base_name="weight", args=args)
     observer(weights[0])
     qparams = observer.get_qparams()
     scale, zero = qparams["scale"][None], qparams["zero_point"][None]
@@ -631,23 +632,35 @@ def _refit_reference(quantized, target, hessian, scale, percdamp):
     return torch.stack(solutions)
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_refit_scales_match_float64_least_squares(symmetric):
+REFIT_GRIDS = {
+    "symmetric": dict(symmetric=True),
+    "asymmetric": dict(symmetric=False),
+    "full_range": dict(symmetric=True, observer="full_range_mse"),  # signed scales
+}
+
+
+@pytest.mark.parametrize("grid", list(REFIT_GRIDS))
+def test_refit_scales_match_float64_least_squares(grid):
+    import qep_modifier.full_range  # noqa: F401  (registers full_range_mse)
     from qep_modifier.gptq_sweep import refit_group_scales
 
-    quantized, target, hessians, scale, _, _ = _refit_problem(symmetric=symmetric)
+    quantized, target, hessians, scale, _, _ = _refit_problem(**REFIT_GRIDS[grid])
+    if grid == "full_range":
+        assert (scale < 0).any() and (scale > 0).any()
     refitted, _, errors = refit_group_scales(quantized, target, hessians, scale, percdamp=PERCDAMP)
     reference = _refit_reference(quantized[0], target[0], hessians[0], scale[0], PERCDAMP)
     improved = errors[1, 0] < errors[0, 0]
     assert improved.all()  # every row of this problem moves, so every row is compared
     torch.testing.assert_close(refitted[0].double(), reference, rtol=2e-4, atol=0)
+    assert torch.equal(refitted.sign(), scale.sign())
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_refit_keeps_codes_and_lowers_every_rows_error(symmetric):
+@pytest.mark.parametrize("grid", list(REFIT_GRIDS))
+def test_refit_keeps_codes_and_lowers_every_rows_error(grid):
+    import qep_modifier.full_range  # noqa: F401  (registers full_range_mse)
     from qep_modifier.gptq_sweep import refit_group_scales
 
-    quantized, target, hessians, scale, zero, args = _refit_problem(symmetric=symmetric, bits=2)
+    quantized, target, hessians, scale, zero, args = _refit_problem(**REFIT_GRIDS[grid], bits=2)
     refitted, weights, errors = refit_group_scales(quantized, target, hessians, scale)
     size = args.group_size
     old_codes = torch.round(quantized / scale.repeat_interleave(size, dim=-1))
