@@ -17,6 +17,7 @@ from compressed_tensors.utils import getattr_chain
 from loguru import logger
 
 from qep_modifier.distributed import gather, rank
+from qep_modifier.full_range import FULL_RANGE_OBSERVER
 
 __all__ = [
     "NonFiniteWeights",
@@ -158,7 +159,8 @@ def check_finite_weights(named_modules: NamedModules) -> None:
 def check_scheme(where: str, scheme, owner: str, refit_scales: int, block_tuning_epochs: int) -> None:
     """Raise one line when ``scheme`` (one resolved config group, named by
     ``where``) is not what QEP quantizes with: weight-only, int, 2 to 8 bits,
-    and group or channel scales where refits or block tuning need them."""
+    symmetric with the full-range observer, and group or channel scales where
+    refits or block tuning need them."""
     if scheme.input_activations is not None or scheme.output_activations is not None:
         raise ValueError(
             f"{owner} is weight-only: {where} quantizes activations too; use a "
@@ -177,6 +179,11 @@ def check_scheme(where: str, scheme, owner: str, refit_scales: int, block_tuning
         raise ValueError(
             f"{where}: weights num_bits = {weights.num_bits} is outside 2-8 "
             f"({owner} quantizes weights to 2- to 8-bit integers)"
+        )
+    if getattr(weights, "observer", None) == FULL_RANGE_OBSERVER and not weights.symmetric:
+        raise ValueError(
+            f"{where}: observer {FULL_RANGE_OBSERVER!r} is the full-range symmetric grid, "
+            "but the weights are asymmetric; use symmetric: true, or memoryless_mse"
         )
     for count, needs in (
         (refit_scales, "refit_scales needs the group or channel strategy"),

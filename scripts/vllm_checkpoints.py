@@ -4,8 +4,8 @@
         [--families none|all|llama,gemma3,...]
 
 Run with this project's environment (it quantizes with ``QEPModifier``). Into ``OUT_DIR`` it
-writes one compressed checkpoint of a tiny random Llama per scheme (``w{4,3,2}-g{group}-{sym,asym}``:
-QEPModifier with that grid) and one per shipped recipe (``recipe-<name>``: the YAML under
+writes one compressed checkpoint of a tiny random Llama per scheme (``w{4,3,2}-g{group}-{sym,asym,full}``:
+QEPModifier with that grid; ``full`` the full-range symmetric grid, signed scales) and one per shipped recipe (``recipe-<name>``: the YAML under
 ``qep_modifier/recipes/`` as a user runs it, rotations included), then prints each folder's
 path on its own line after ``wrote``. ``--families``: one more per decoder family of
 ``tests/models.FAMILIES`` (``family-<name>``: its tiny random model, QEPModifier at W3 with the
@@ -21,7 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "qep_modifier" / "recipes"
-SCHEMES = [f"w{bits}-{kind}" for bits in (4, 3, 2) for kind in ("sym", "asym")]
+#: sym / asym: the plain grids; full: the full-range symmetric grid (signed scales, the
+#: full_range_mse observer): the same tensors, some scales negative
+SCHEMES = [f"w{bits}-{kind}" for bits in (4, 3, 2) for kind in ("sym", "asym", "full")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,7 +85,9 @@ def main(argv=None) -> list[Path]:
         modifier = QEPModifier(
             targets="Linear",
             ignore=["lm_head"],
-            config_groups=group_scheme(bits, args.group, symmetric=kind == "sym"),
+            config_groups=group_scheme(
+                bits, args.group, symmetric=kind != "asym", observer="full_range_mse" if kind == "full" else None
+            ),
         )
         quantize(model, modifier, calibration, output_dir=str(folder))
         written.append(folder)

@@ -334,3 +334,14 @@ def test_spinquant_mappings_of_the_recipe_do_not_lift_the_refusal():
     recipe = SimpleNamespace(modifiers=[with_mappings, *(m for m in packaged if m is not spinquant)])
     with pytest.raises(InputError, match=r"^SpinQuantModifier does not support model type gemma3_text: "):
         check_recipe_fits(config, recipe)
+
+
+def test_full_range_observer_on_asymmetric_weights_is_refused_when_parsed():
+    from tests.models import group_scheme
+
+    with pytest.raises(ValueError) as error:
+        QEPModifier(targets="Linear", config_groups=group_scheme(3, 32, symmetric=False, observer="full_range_mse"))
+    message = str(error.value)
+    assert "config_groups.group_0: observer 'full_range_mse' is the full-range symmetric grid, but the weights are asymmetric" in message
+    assert "use symmetric: true, or memoryless_mse" in message
+    QEPModifier(targets="Linear", config_groups=group_scheme(3, 32, observer="full_range_mse"))  # symmetric: accepted

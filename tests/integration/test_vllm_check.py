@@ -198,6 +198,18 @@ def test_check_script_writes_scheme_and_recipe_checkpoints(tmp_path, capsys):
     _assert_dense_layout(written[1], bits=3, group_size=64, symmetric=False)
 
 
+def test_check_script_writes_the_full_range_grid_with_signed_scales(tmp_path):
+    # the full-range grid is the symmetric layout (same tensors, no zero points) with
+    # some scales negative: what vLLM's loader classes are shown
+    from safetensors.torch import load_file
+
+    (written,) = _checkpoint_writer().main([str(tmp_path), "--schemes", "w3-full", "--recipes", "none"])
+    assert written == tmp_path / "w3-g32-full"
+    _assert_dense_layout(written, bits=3, group_size=32, symmetric=True)
+    scales = [tensor for name, tensor in load_file(str(written / "model.safetensors")).items() if name.endswith("weight_scale")]
+    assert scales and any((scale < 0).any() for scale in scales) and any((scale > 0).any() for scale in scales)
+
+
 def test_check_script_writes_a_family_checkpoint_with_its_biases(tmp_path):
     from safetensors import safe_open
 

@@ -571,7 +571,7 @@ def test_sweep_group_scales_land_on_their_grid(symmetric, beta):
     inputs = torch.randn(1, 256, 64, generator=generator) * torch.linspace(0.2, 3, 64)
     hessians = inputs.transpose(1, 2) @ inputs / 256
     args = _group_args(symmetric=symmetric)
-    observer = Observer.load_from_registry(observer, base_name="weight", args=args)
+    observer = Observer.load_from_registry("memoryless_mse", base_name="weight", args=args)
     seen = []
 
     def by_observer(item, group_weights):
