@@ -7,7 +7,8 @@ A table lives between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in a Markd
 NAME is one of ``TABLES`` below. Each is built from the result CSVs that
 ``benchmarks/run.py`` writes (one row per scheme and method); ``recipes`` also reads
 ``benchmarks/results/recipes.csv`` (which run measured each shipped recipe, and against
-which GPTQ row) and the recipe files themselves (bits per weight). Numbers are never typed
+which GPTQ row) and the recipe files themselves (bits per weight); ``frontier-*`` read
+``benchmarks/results/frontier.csv`` (the points of the time-quality tables). Numbers are never typed
 into the Markdown: change a CSV (or the specs here) and run the script.
 """
 
@@ -191,7 +192,35 @@ def timing_table() -> str:
     return markdown(["method", "calibration s", "x GPTQModifier", "ppl (5 windows)"], body)
 
 
+def frontier_table(scheme: str) -> str:
+    """Every point of ``benchmarks/results/frontier.csv`` for ``scheme`` (runs on one kind of
+    machine, two threads, quiet), fastest first; a point is on the time-quality frontier when
+    no other point is at least as fast and more accurate."""
+    with (RESULTS / "frontier.csv").open(newline="") as handle:
+        specs = [spec for spec in csv.DictReader(handle) if spec["scheme"] == scheme]
+    points = []
+    for spec in specs:
+        row = rows(spec["run"])[(scheme, spec["method"])]
+        points.append((row["calib_s"], row["ppl"], row["ppl_cross"], spec))
+    points.sort(key=lambda point: (point[0], point[1]))
+    body = []
+    for seconds, ppl, cross, spec in points:
+        dominated = any(
+            other[0] <= seconds and other[1] < ppl for other in points if other[3] is not spec
+        )
+        cross_cell = f"{cross:.2f}" if cross is not None else ""
+        body.append([
+            spec["label"], f"{seconds:.0f}", f"{ppl:.2f}", cross_cell, "" if dominated else "yes",
+            f"`{spec['run'].removeprefix('runs/')}` `{spec['method']}`",
+        ])
+    header = ["method", "calibration s", "wiki_eval", "Austen", "frontier", "measured in (benchmarks/results/runs/)"]
+    return markdown(header, body)
+
+
 TABLES = {
+    "frontier-w4g64": lambda: frontier_table("w4g64"),
+    "frontier-w3g64": lambda: frontier_table("w3g64"),
+    "frontier-w2g64": lambda: frontier_table("w2g64"),
     "recipes": recipes_table,
     "main": main_table,
     "channel": channel_table,

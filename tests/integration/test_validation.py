@@ -345,3 +345,17 @@ def test_full_range_observer_on_asymmetric_weights_is_refused_when_parsed():
     assert "config_groups.group_0: observer 'full_range_mse' is the full-range symmetric grid, but the weights are asymmetric" in message
     assert "use symmetric: true, or memoryless_mse" in message
     QEPModifier(targets="Linear", config_groups=group_scheme(3, 32, observer="full_range_mse"))  # symmetric: accepted
+
+
+def test_the_shipped_symmetric_w2_recipe_runs_on_the_full_range_grid_down_to_0_4():
+    # w2a16_spinquant_qep's 76.71 was measured with the full-range observer searching
+    # shrinks down to 0.4x (benchmarks/methods.yaml full_range_wide): the recipe must say so
+    from qep_modifier import QEPModifier
+    from qep_modifier.workflow import PACKAGED_RECIPES, load_recipe
+
+    recipe = load_recipe(PACKAGED_RECIPES / "w2a16_spinquant_qep.yaml")
+    qep = next(modifier for modifier in recipe.modifiers if isinstance(modifier, QEPModifier))
+    weights = qep.resolve_quantization_config().config_groups["group_0"].weights
+    assert weights.observer == "full_range_mse" and weights.observer_kwargs == {"maxshrink": 0.6}
+    assert weights.symmetric and weights.num_bits == 2
+    assert (qep.refit_scales, qep.block_tuning_epochs, qep.block_tuning_learning_rate) == (2, 3, 0.01)

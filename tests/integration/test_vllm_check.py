@@ -109,6 +109,7 @@ def test_reader_finds_dense_3bit_layout(checkpoint):
     ("w3a16_spinquant_qep.yaml", 3, True),
     ("w3a16_asym_spinquant_qep.yaml", 3, False),
     ("w4a16_asym_spinquant_qep.yaml", 4, False),
+    ("w4a16_spinquant_qep.yaml", 4, True),  # full-range grid: signed scales
     ("w2a16_asym_spinquant_qep.yaml", 2, False),
 ])
 def test_spinquant_then_qep_is_a_plain_checkpoint_vllm_can_load(

@@ -103,3 +103,23 @@ def test_the_observer_refuses_other_grids_in_one_line(fields, words):
     message = str(refused.value)
     assert len(message.splitlines()) == 1
     assert message.startswith(f"observer {FULL_RANGE_OBSERVER} is for symmetric int weights") and words in message
+
+
+def test_the_observer_searches_as_far_as_observer_kwargs_maxshrink_says():
+    # w2a16_spinquant_qep sets maxshrink 0.6: at 2 bits a group with one outlier is
+    # best clipped further than the default search (down to 0.8x) reaches
+    import qep_modifier  # noqa: F401  (registers the observer)
+
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(8, 64, generator=generator)
+    weight[:, ::16] *= 6  # one outlier per group of 16
+    default = Observer.load_from_registry(FULL_RANGE_OBSERVER, base_name="weight", args=_args(bits=2))
+    wide = Observer.load_from_registry(
+        FULL_RANGE_OBSERVER, base_name="weight", args=_args(bits=2, observer_kwargs={"maxshrink": 0.6})
+    )
+    default_scales = default(weight).get_qparams()["scale"]
+    wide_scales = wide(weight).get_qparams()["scale"]
+    assert torch.equal(default_scales, full_range_scales(weight.reshape(8, 4, 16), 2))
+    assert torch.equal(wide_scales, full_range_scales(weight.reshape(8, 4, 16), 2, maxshrink=0.6))
+    # some groups' best shrink lies beyond the default's reach (0.8x)
+    assert (wide_scales != default_scales).any()
