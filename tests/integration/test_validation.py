@@ -337,8 +337,6 @@ def test_spinquant_mappings_of_the_recipe_do_not_lift_the_refusal():
 
 
 def test_full_range_observer_on_asymmetric_weights_is_refused_when_parsed():
-    from tests.models import group_scheme
-
     with pytest.raises(ValueError) as error:
         QEPModifier(targets="Linear", config_groups=group_scheme(3, 32, symmetric=False, observer="full_range_mse"))
     message = str(error.value)
@@ -350,7 +348,6 @@ def test_full_range_observer_on_asymmetric_weights_is_refused_when_parsed():
 def test_the_shipped_symmetric_w2_recipe_runs_on_the_full_range_grid_down_to_0_4():
     # w2a16_spinquant_qep's 76.71 was measured with the full-range observer searching
     # shrinks down to 0.4x (benchmarks/methods.yaml full_range_wide): the recipe must say so
-    from qep_modifier import QEPModifier
     from qep_modifier.workflow import PACKAGED_RECIPES, load_recipe
 
     recipe = load_recipe(PACKAGED_RECIPES / "w2a16_spinquant_qep.yaml")
