@@ -1,8 +1,10 @@
 """qep-modifier: Quantization Error Propagation (and FOEM) for llm-compressor.
 
-Importing the package registers ``QEPModifier`` and ``FOEMModifier`` (FOEM
-without QEP) with llm-compressor's ``ModifierFactory``, so recipes (and the
-``recipe.yaml`` saved into a checkpoint) resolve them by name, and registers
+Importing the package registers ``QEPModifier``, ``FOEMModifier`` (FOEM
+without QEP) and ``ValueRotationModifier`` (an exact per-head rotation of the
+attention values, :mod:`qep_modifier.value_rotation`) with llm-compressor's
+``ModifierFactory``, so recipes (and the ``recipe.yaml`` saved into a
+checkpoint) resolve them by name, and registers
 the ``full_range_mse`` weight observer (:mod:`qep_modifier.full_range`).
 """
 
@@ -31,7 +33,10 @@ from qep_modifier.modifier import (
     QEPModifier,
 )
 
-__all__ = ["QEPModifier", "FOEMModifier", "DEFAULT_PROPAGATION_STRENGTH"]
+from qep_modifier.value_rotation import ValueRotationModifier
+
+__all__ = ["QEPModifier", "FOEMModifier", "ValueRotationModifier", "DEFAULT_PROPAGATION_STRENGTH"]
 
 ModifierFactory.register("QEPModifier", QEPModifier)
 ModifierFactory.register("FOEMModifier", FOEMModifier)
+ModifierFactory.register("ValueRotationModifier", ValueRotationModifier)

@@ -53,12 +53,18 @@ def rotation_misfit(model_type: str | None, modifiers: Iterable, placed_by_recip
     """The one-line refusal for the first ``SpinQuantModifier`` among ``modifiers``
     that would rotate a model of ``model_type`` outside :data:`SPINQUANT_MODEL_TYPES`
     by the toolkit's own module names (``placed_by_recipe(modifier)`` false), naming
-    the model type, why, and the packaged recipe without rotation to use instead;
-    ``None`` when every rotation fits. (``QuIPModifier`` rotates each Linear on its
+    the model type, why, and the packaged recipe without rotation to use instead,
+    or a ``ValueRotationModifier`` on a model type it does not know
+    (:func:`~qep_modifier.value_rotation.value_rotation_misfit`); ``None`` when
+    every rotation fits. (``QuIPModifier`` rotates each Linear on its
     own and ran unchanged on every family tried.)"""
+    from qep_modifier.value_rotation import value_rotation_misfit
+
     modifiers = list(modifiers)
     for modifier in modifiers:
         name = type(modifier).__name__
+        if name == "ValueRotationModifier" and value_rotation_misfit(model_type) is not None:
+            return value_rotation_misfit(model_type)
         if name != "SpinQuantModifier" or model_type in SPINQUANT_MODEL_TYPES:
             continue
         if placed_by_recipe(modifier):
@@ -67,7 +73,7 @@ def rotation_misfit(model_type: str | None, modifiers: Iterable, placed_by_recip
         return (
             f"{name} does not support model type {model_type}: {why} (its rotations are "
             f"checked on {', '.join(SPINQUANT_MODEL_TYPES)}); use "
-            f"{_without_rotation(modifiers)} instead"
+            f"{_without_rotation(modifiers, model_type)} instead"
         )
     return None
 
@@ -98,13 +104,20 @@ def check_session_rotations(model) -> None:
         raise ValueError(problem)
 
 
-def _without_rotation(modifiers) -> str:
-    """The packaged QEP recipe without rotation at the recipe's weight bits, or
-    the advice to drop the rotation."""
+def _without_rotation(modifiers, model_type: str | None) -> str:
+    """The packaged recipe at the recipe's weight bits that runs on ``model_type``
+    without SpinQuant: the exact value rotation where it knows the model type and a
+    recipe exists at those bits, else the plain QEP recipe; or the advice to drop
+    the rotation."""
+    from qep_modifier.value_rotation import value_rotation_misfit
+
+    values_fit = value_rotation_misfit(model_type) is None
     for modifier in modifiers:
         config = getattr(modifier, "resolved_config", None)
         for scheme in getattr(config, "config_groups", {}).values():
             bits = getattr(scheme.weights, "num_bits", None)
+            if values_fit and (_PACKAGED_RECIPES / f"w{bits}a16_values_qep.yaml").is_file():
+                return f"the packaged recipe w{bits}a16_values_qep (an exact value rotation only)"
             if (_PACKAGED_RECIPES / f"w{bits}a16_qep_gptq.yaml").is_file():
                 return f"the packaged recipe w{bits}a16_qep_gptq (no rotation)"
     return "the recipe without its SpinQuantModifier"

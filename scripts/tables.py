@@ -217,7 +217,31 @@ def frontier_table(scheme: str) -> str:
     return markdown(header, body)
 
 
+VALUE_ROTATION_ROWS = [
+    ("no rotation", "runs/w3g64-value-rotation.csv", "qep_refit2_tuned1_full_range"),
+    ("value rotation (R2 alone, exact)", "runs/w3g64-value-rotation.csv", "values_qep_refit2_tuned1_full_range"),
+    ("value rotation, `w3a16_values_qep` as shipped", "runs/w3g64-values-recipe.csv", "w3a16_values_qep"),
+    ("value rotation, GPTQ on equal terms (QEPModifier strength 0)", "runs/w3g64-values-recipe.csv",
+     "values_gptq_refit2_tuned1_full_range"),
+    ("SpinQuant R1 + R2 (`w3a16_spinquant_qep`; not exact on these families)", "runs/w3g64-full-range.csv",
+     "spinquant_qep_refit2_tuned1_full_range"),
+    ("`w3a16_qep_gptq` (mse observer, no refits, no tuning)", "runs/w3g64-full-range.csv", "qep_gptq_best"),
+]
+
+
+def value_rotation_table() -> str:
+    """W3 g64 symmetric with and without the exact value rotation, beside SpinQuant's R1 + R2."""
+    body = []
+    for label, source, method in VALUE_ROTATION_ROWS:
+        row = rows(source)[("w3g64", method)]
+        cross = f"{row['ppl_cross']:.2f}" if row["ppl_cross"] is not None else ""
+        body.append([label, f"{row['ppl']:.2f}", cross, f"`{source.removeprefix('runs/')}` `{method}`"])
+    return markdown(["W3 g64 symmetric, full-range grid, refit 2, one tuning pass", "wiki_eval", "Austen",
+                     "measured in (benchmarks/results/runs/)"], body)
+
+
 TABLES = {
+    "value-rotation": value_rotation_table,
     "frontier-w4g64": lambda: frontier_table("w4g64"),
     "frontier-w3g64": lambda: frontier_table("w3g64"),
     "frontier-w2g64": lambda: frontier_table("w2g64"),

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from qep_modifier.rotations import SPINQUANT_MODEL_TYPES
+from qep_modifier.value_rotation import VALUE_ROTATION_MODEL_TYPES
 from qep_modifier.workflow import PACKAGED_RECIPES, InputError, check_recipe_fits, load_recipe
 from tests.models import (
     FAMILIES, family_config, load_model, logits, quantize, relative_error, round_to_nearest, save_tiny_family,
@@ -37,6 +38,14 @@ from tests.models import (
 
 RECIPES = sorted(path.stem for path in PACKAGED_RECIPES.glob("*.yaml"))
 ROTATING = {recipe for recipe in RECIPES if "spinquant" in recipe}
+VALUE_ROTATING = {recipe for recipe in RECIPES if "values" in recipe}
+
+
+def _without_spinquant(bits: str, model_type: str) -> str:
+    """The packaged recipe a SpinQuant refusal at ``bits`` points to on ``model_type``."""
+    if bits == "3" and model_type in VALUE_ROTATION_MODEL_TYPES:
+        return "w3a16_values_qep (an exact value rotation only)"
+    return f"w{bits}a16_qep_gptq (no rotation)"
 #: 16 x 64 calibration tokens: four times the widest input (256), so that GPTQ's
 #: Hessians are full rank (at 8 x 32 GPTQ fits the calibration tokens and W4 lands
 #: above round-to-nearest on held-out tokens for some families)
@@ -52,8 +61,8 @@ END_TO_END = {
     "granite": ("w2a16_spinquant_qep",),
     "qwen3_moe": ("w3a16_qep_gptq",),
     "gemma2": ("w3a16_qep_foem",),
-    "gemma3": ("w4a16_qep_gptq",),
-    "phi3": ("w2a16_qep_gptq",),
+    "gemma3": ("w4a16_qep_gptq", "w3a16_values_qep"),
+    "phi3": ("w2a16_qep_gptq", "w3a16_values_qep"),
     "olmo2": ("w3a16_foem",),
     "gpt_neox": ("w2a16_qep_foem",),
     "opt": ("w4a16_qep_rtn",),
@@ -78,6 +87,8 @@ def _refusal(family: str, recipe: str) -> str | None:
     model_type = _model_type(family)
     if recipe in ROTATING and model_type not in SPINQUANT_MODEL_TYPES:
         return f"SpinQuantModifier does not support model type {model_type}: "
+    if recipe in VALUE_ROTATING and model_type not in VALUE_ROTATION_MODEL_TYPES:
+        return f"ValueRotationModifier does not know where model type {model_type} keeps its attention values"
     if family == "gpt2":
         owner = next(
             type(modifier).__name__ for modifier in load_recipe(recipe).modifiers
@@ -142,7 +153,7 @@ def test_every_recipe_is_accepted_or_refused_in_one_line_before_loading(family):
         assert "instead" in message or "use a model whose projections are Linear" in message, message
         if recipe in ROTATING:
             bits = recipe[1]
-            assert f"use the packaged recipe w{bits}a16_qep_gptq (no rotation) instead" in message
+            assert f"use the packaged recipe {_without_spinquant(bits, config.model_type)} instead" in message
 
 
 @pytest.mark.parametrize(
@@ -164,10 +175,12 @@ def test_plain_oneshot_refuses_rotations_before_calibrating(family, family_dir, 
     message = str(refused.value)
     assert len(message.splitlines()) == 1, message
     assert message.startswith(f"SpinQuantModifier does not support model type {_model_type(family)}: ")
-    assert message.endswith("use the packaged recipe w3a16_qep_gptq (no rotation) instead")
+    assert message.endswith(f"use the packaged recipe {_without_spinquant('3', _model_type(family))} instead")
 
 
-def test_plain_oneshot_refuses_conv1d_models_before_calibrating(family_dir, monkeypatch):
+def _refused_by_plain_oneshot_before_calibrating(family: str, recipe: str, family_dir, monkeypatch) -> str:
+    """The one line a plain ``oneshot`` of ``recipe`` on ``family`` raises, checked to come
+    before QEPModifier starts calibrating."""
     from qep_modifier import QEPModifier
 
     def calibrating(*args, **kwargs):
@@ -175,11 +188,21 @@ def test_plain_oneshot_refuses_conv1d_models_before_calibrating(family_dir, monk
 
     monkeypatch.setattr(QEPModifier, "on_calibration_start", calibrating)
     with pytest.raises(ValueError) as refused:
-        quantize(family_dir("gpt2"), str(PACKAGED_RECIPES / "w3a16_qep_gptq.yaml"), token_dataset(2, 16, seed=0))
+        quantize(family_dir(family), str(PACKAGED_RECIPES / f"{recipe}.yaml"), token_dataset(2, 16, seed=0))
     message = str(refused.value)
     assert len(message.splitlines()) == 1, message
-    assert message.startswith(_refusal("gpt2", "w3a16_qep_gptq"))
+    assert message.startswith(_refusal(family, recipe)), message
+    return message
+
+
+def test_plain_oneshot_refuses_conv1d_models_before_calibrating(family_dir, monkeypatch):
+    message = _refused_by_plain_oneshot_before_calibrating("gpt2", "w3a16_qep_gptq", family_dir, monkeypatch)
     assert "(like transformer.h.0.attn.c_attn)" in message
+
+
+def test_plain_oneshot_refuses_the_value_rotation_on_an_unknown_model_before_calibrating(family_dir, monkeypatch):
+    message = _refused_by_plain_oneshot_before_calibrating("gpt2", "w3a16_values_qep", family_dir, monkeypatch)
+    assert message.endswith("use the recipe without its ValueRotationModifier instead")
 
 
 @pytest.mark.parametrize("family, recipe", END_TO_END_CASES)

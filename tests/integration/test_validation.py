@@ -300,7 +300,7 @@ def test_spinquant_on_a_model_type_it_does_not_support_is_refused_before_loading
     assert len(message.splitlines()) == 1
     assert message.startswith("qep-oneshot: SpinQuantModifier does not support model type gemma3_text")
     assert "scaled word embedding" in message
-    assert "use the packaged recipe w3a16_qep_gptq (no rotation) instead" in message
+    assert "use the packaged recipe w3a16_values_qep (an exact value rotation only) instead" in message
     assert not (tmp_path / "out").exists()
     # a family its rotations were checked on passes
     check_recipe_fits(tiny_llama_config(num_hidden_layers=1), load_recipe("w3a16_spinquant_qep"))

@@ -145,6 +145,35 @@ def test_spinquant_then_qep_is_a_plain_checkpoint_vllm_can_load(
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("OK: vLLM 0.33.0+fake creates")
 
 
+@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+def test_the_value_rotation_recipe_is_a_plain_checkpoint_vllm_can_load(family, tmp_path, monkeypatch, capsys):
+    # the rotation is fused into the weights before calibration: no transform is
+    # recorded, the layout is the plain symmetric one (signed full-range scales)
+    import json
+
+    from tests.models import load_model, logits, save_tiny_family
+
+    model_dir = save_tiny_family(tmp_path / family, family)
+    output = tmp_path / "values"
+    held_out = torch.tensor(token_dataset(2, 24, seed=3)["input_ids"])
+    model = quantize(
+        model_dir, str(REPO / "recipes" / "w3a16_values_qep.yaml"), token_dataset(4, 32, seed=1),
+        output_dir=str(output),
+    )
+    torch.testing.assert_close(logits(load_model(output), held_out), logits(model, held_out), rtol=1e-4, atol=1e-4)
+    linears = sorted(
+        name for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+    )
+    assert quantized_layers(read_checkpoint_spec(output)) == linears
+    _assert_packed_layers(output, linears, bits=3, group_size=64)
+    config = json.loads((output / "config.json").read_text())["quantization_config"]
+    assert not config.get("transform_config")  # no transform recorded: nothing runs at serving time
+    fake_vllm(monkeypatch, packing="dense")
+    assert vllm_check.main([str(output)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("OK: vLLM 0.33.0+fake creates")
+
+
 def _assert_dense_layout(checkpoint, bits, group_size, scale_dtype="float32", symmetric=True):
     spec = read_checkpoint_spec(checkpoint)
     prefixes = quantized_layers(spec)
@@ -154,10 +183,18 @@ def _assert_dense_layout(checkpoint, bits, group_size, scale_dtype="float32", sy
         for name in LINEARS
     )
     sizes = layer_sizes(checkpoint)
-    assert set(sizes) == set(prefixes)
     # tiny Llama: hidden 128, intermediate 256, 4 heads of 32, 2 KV heads
     assert sizes["model.layers.0.self_attn.k_proj"] == (64, 128)
     assert sizes["model.layers.0.mlp.down_proj"] == (128, 256)
+    _assert_packed_layers(checkpoint, prefixes, bits, group_size, scale_dtype, symmetric)
+    assert spec["lm_head.weight"] == ("float32", (256, 128))  # ignored: stays dense
+
+
+def _assert_packed_layers(checkpoint, prefixes, bits, group_size, scale_dtype="float32", symmetric=True):
+    """Every layer of ``prefixes`` packed at ``bits`` with one scale per group."""
+    spec = read_checkpoint_spec(checkpoint)
+    sizes = layer_sizes(checkpoint)
+    assert set(sizes) == set(prefixes)
     for prefix in prefixes:
         out_features, in_features = sizes[prefix]
         assert spec[f"{prefix}.weight_packed"] == (
@@ -174,7 +211,6 @@ def _assert_dense_layout(checkpoint, bits, group_size, scale_dtype="float32", sy
             assert spec[f"{prefix}.weight_zero_point"] == (
                 "int32", (math.ceil(out_features * bits / 32), in_features // group_size)
             )
-    assert spec["lm_head.weight"] == ("float32", (256, 128))  # ignored: stays dense
 
 
 def _checkpoint_writer():
