@@ -1,4 +1,5 @@
-"""Which model types llm-compressor's ``SpinQuantModifier`` rotations fit, and the
+"""Which model types llm-compressor's ``SpinQuantModifier`` rotations fit (and our
+exact value rotation, :mod:`qep_modifier.value_rotation`), and the
 one-line refusal for the others: before any weight is loaded
 (:func:`qep_modifier.workflow.check_rotations_fit`, ``qep-oneshot``), and through a
 plain ``oneshot(model, recipe=...)`` from ``QEPModifier.on_initialize``
@@ -15,7 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = [
-    "SPINQUANT_MISFITS", "SPINQUANT_MODEL_TYPES", "check_session_rotations", "rotation_misfit",
+    "SPINQUANT_MISFITS", "SPINQUANT_MODEL_TYPES", "VALUE_ROTATION_MODEL_TYPES", "check_session_rotations",
+    "rotation_misfit", "value_rotation_misfit",
 ]
 
 #: Model types on which llm-compressor 0.14.0.1's SpinQuant R1/R2 rotations were
@@ -48,6 +50,25 @@ SPINQUANT_MISFITS = {
 
 _PACKAGED_RECIPES = Path(__file__).resolve().parent / "recipes"
 
+#: Model types whose attention layouts :func:`qep_modifier.value_rotation.value_layouts` knows, each checked
+#: on a tiny random model (tests/unit/test_value_rotation.py: logits unchanged).
+VALUE_ROTATION_MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "granite", "gemma2", "gemma3_text",
+    "phi3", "olmo2", "gpt_neox", "opt", "falcon",
+)
+
+
+def value_rotation_misfit(model_type: str | None) -> str | None:
+    """One line saying why :class:`~qep_modifier.value_rotation.ValueRotationModifier` cannot rotate a model of
+    ``model_type``; ``None`` when it can."""
+    if model_type in VALUE_ROTATION_MODEL_TYPES:
+        return None
+    return (
+        f"ValueRotationModifier does not know where model type {model_type} keeps its "
+        f"attention values (it knows {', '.join(VALUE_ROTATION_MODEL_TYPES)}); use the "
+        "recipe without its ValueRotationModifier instead"
+    )
+
 
 def rotation_misfit(model_type: str | None, modifiers: Iterable, placed_by_recipe) -> str | None:
     """The one-line refusal for the first ``SpinQuantModifier`` among ``modifiers``
@@ -55,11 +76,9 @@ def rotation_misfit(model_type: str | None, modifiers: Iterable, placed_by_recip
     by the toolkit's own module names (``placed_by_recipe(modifier)`` false), naming
     the model type, why, and the packaged recipe without rotation to use instead,
     or a ``ValueRotationModifier`` on a model type it does not know
-    (:func:`~qep_modifier.value_rotation.value_rotation_misfit`); ``None`` when
+    (:func:`value_rotation_misfit`); ``None`` when
     every rotation fits. (``QuIPModifier`` rotates each Linear on its
     own and ran unchanged on every family tried.)"""
-    from qep_modifier.value_rotation import value_rotation_misfit
-
     modifiers = list(modifiers)
     for modifier in modifiers:
         name = type(modifier).__name__
@@ -109,8 +128,6 @@ def _without_rotation(modifiers, model_type: str | None) -> str:
     without SpinQuant: the exact value rotation where it knows the model type and a
     recipe exists at those bits, else the plain QEP recipe; or the advice to drop
     the rotation."""
-    from qep_modifier.value_rotation import value_rotation_misfit
-
     values_fit = value_rotation_misfit(model_type) is None
     for modifier in modifiers:
         config = getattr(modifier, "resolved_config", None)

@@ -32,17 +32,12 @@ from compressed_tensors.utils import align_module_device, update_offload_paramet
 from llmcompressor.core import State
 from llmcompressor.modifiers import Modifier
 
+from qep_modifier.rotations import VALUE_ROTATION_MODEL_TYPES, value_rotation_misfit
+
 __all__ = [
     "VALUE_ROTATION_MODEL_TYPES", "ValueLayout", "ValueRotationModifier", "head_rotation",
     "rotate_values", "value_layouts", "value_rotation_misfit",
 ]
-
-#: Model types whose attention layouts :func:`value_layouts` knows, each checked
-#: on a tiny random model (tests/unit/test_value_rotation.py: logits unchanged).
-VALUE_ROTATION_MODEL_TYPES = (
-    "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "granite", "gemma2", "gemma3_text",
-    "phi3", "olmo2", "gpt_neox", "opt", "falcon",
-)
 
 # (value Linear's name, output Linear's name) of the attention blocks with a
 # value projection of their own
@@ -65,18 +60,6 @@ class ValueLayout:
     head_dim: int
     value_chunks: tuple[int, ...]
     query_groups: tuple[int, ...]
-
-
-def value_rotation_misfit(model_type: str | None) -> str | None:
-    """One line saying why :class:`ValueRotationModifier` cannot rotate a model of
-    ``model_type``; ``None`` when it can."""
-    if model_type in VALUE_ROTATION_MODEL_TYPES:
-        return None
-    return (
-        f"ValueRotationModifier does not know where model type {model_type} keeps its "
-        f"attention values (it knows {', '.join(VALUE_ROTATION_MODEL_TYPES)}); use the "
-        "recipe without its ValueRotationModifier instead"
-    )
 
 
 def value_layouts(model: torch.nn.Module) -> list[ValueLayout]:
