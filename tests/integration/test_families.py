@@ -46,6 +46,8 @@ def _without_spinquant(bits: str, model_type: str) -> str:
     if bits == "3" and model_type in VALUE_ROTATION_MODEL_TYPES:
         return "w3a16_values_qep (an exact value rotation only)"
     return f"w{bits}a16_qep_gptq (no rotation)"
+
+
 #: 16 x 64 calibration tokens: four times the widest input (256), so that GPTQ's
 #: Hessians are full rank (at 8 x 32 GPTQ fits the calibration tokens and W4 lands
 #: above round-to-nearest on held-out tokens for some families)
