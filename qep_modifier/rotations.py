@@ -82,8 +82,8 @@ def rotation_misfit(model_type: str | None, modifiers: Iterable, placed_by_recip
     modifiers = list(modifiers)
     for modifier in modifiers:
         name = type(modifier).__name__
-        if name == "ValueRotationModifier" and value_rotation_misfit(model_type) is not None:
-            return value_rotation_misfit(model_type)
+        if name == "ValueRotationModifier" and (problem := value_rotation_misfit(model_type)) is not None:
+            return problem
         if name != "SpinQuantModifier" or model_type in SPINQUANT_MODEL_TYPES:
             continue
         if placed_by_recipe(modifier):

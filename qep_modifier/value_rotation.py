@@ -15,8 +15,7 @@ head, which the output projection's input groups and the value rows' groups
 quantize better.
 
 :class:`ValueLayout` says, per attention block, where the values sit (their own
-Linear, or rows of a fused query/key/value Linear) and which value head each
-query head reads; :func:`value_layouts` resolves them once per model,
+Linear, or rows of a fused query/key/value Linear); :func:`value_layouts` resolves them once per model,
 :func:`rotate_values` applies one rotation. :class:`ValueRotationModifier` is the
 recipe entry (registered by ``import qep_modifier``).
 """
@@ -50,16 +49,17 @@ _FUSED = {"phi3": ("qkv_proj", "o_proj"), "gpt_neox": ("query_key_value", "dense
 @dataclass(frozen=True)
 class ValueLayout:
     """Where one attention block keeps its values. ``value_chunks[j]``: the chunk of
-    ``head_dim`` output rows of ``value`` that holds value head ``j``;
-    ``query_groups[i]``: the value head that query head ``i`` (the ``i``-th chunk
-    of ``head_dim`` input columns of ``output``) reads."""
+    ``head_dim`` output rows of ``value`` that holds value head ``j``; ``query_heads``:
+    how many chunks of ``head_dim`` input columns ``output`` has, one per query head.
+    One rotation serves every head of the block, so which value head a query head
+    reads (grouped-query attention) does not matter."""
 
     name: str
     value: torch.nn.Linear
     output: torch.nn.Linear
     head_dim: int
     value_chunks: tuple[int, ...]
-    query_groups: tuple[int, ...]
+    query_heads: int
 
 
 def value_layouts(model: torch.nn.Module) -> list[ValueLayout]:
@@ -95,10 +95,7 @@ def value_layouts(model: torch.nn.Module) -> list[ValueLayout]:
                 f"{name}.{pair[1]} {output.in_features} inputs, which {heads} heads of "
                 f"{kv_heads} value heads do not explain; drop it from the recipe"
             )
-        group = heads // kv_heads
-        layouts.append(ValueLayout(
-            name, value, output, head_dim, chunks, tuple(i // group for i in range(heads))
-        ))
+        layouts.append(ValueLayout(name, value, output, head_dim, chunks, heads))
     if not layouts:
         raise ValueError(
             f"ValueRotationModifier: no attention block of model type {model_type} found; "
@@ -115,6 +112,14 @@ def _kv_heads(config, model_type: str) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
+def _interleaved(model_type: str, config) -> bool:
+    """Whether the fused Linear interleaves (query, key, value) per head: GPT-NeoX
+    and classic Falcon (neither multi-query nor the new layout)."""
+    return model_type == "gpt_neox" or (
+        model_type == "falcon" and not config.new_decoder_architecture and not config.multi_query
+    )
+
+
 def _fused_value_chunks(model_type: str, config, heads: int, kv_heads: int) -> tuple[int, ...]:
     """Which ``head_dim`` chunk of the fused Linear's rows holds each value head:
     Phi-3 stacks all queries, all keys, all values; GPT-NeoX and classic Falcon
@@ -123,8 +128,7 @@ def _fused_value_chunks(model_type: str, config, heads: int, kv_heads: int) -> t
     one key and one value."""
     if model_type == "phi3":
         return tuple(heads + kv_heads + j for j in range(kv_heads))
-    if model_type == "gpt_neox" or (model_type == "falcon" and not config.new_decoder_architecture
-                                    and not config.multi_query):
+    if _interleaved(model_type, config):
         return tuple(3 * j + 2 for j in range(kv_heads))
     if config.new_decoder_architecture:
         per_group = heads // kv_heads + 2
@@ -134,8 +138,7 @@ def _fused_value_chunks(model_type: str, config, heads: int, kv_heads: int) -> t
 
 def _fused_rows(model_type: str, config, heads: int, kv_heads: int) -> int:
     """Rows of the fused Linear, in ``head_dim`` chunks."""
-    if model_type == "gpt_neox" or (model_type == "falcon" and not config.new_decoder_architecture
-                                    and not config.multi_query):
+    if _interleaved(model_type, config):
         return 3 * heads
     return heads + 2 * kv_heads
 
@@ -184,7 +187,7 @@ def rotate_values(layout: ValueLayout, rotation: torch.Tensor) -> None:
             update_offload_parameter(layout.value, "bias", bias.to(layout.value.bias.dtype))
     with align_module_device(layout.output):
         weight = layout.output.weight.to(torch.float64)
-        for head in range(len(layout.query_groups)):
+        for head in range(layout.query_heads):
             columns = slice(head * d, (head + 1) * d)
             weight[:, columns] = weight[:, columns] @ rotation
         update_offload_parameter(layout.output, "weight", weight.to(layout.output.weight.dtype))
