@@ -192,28 +192,40 @@ def timing_table() -> str:
     return markdown(["method", "calibration s", "x GPTQModifier", "ppl (5 windows)"], body)
 
 
+def calibration_windows(run: str) -> int:
+    """How many calibration windows a run used, read from the ``Calibration: N x L tokens``
+    line of the Markdown table written beside its CSV."""
+    text = (RESULTS / run).with_suffix(".md").read_text()
+    found = re.search(r"^Calibration: (\d+) x \d+ tokens", text, re.MULTILINE)
+    if found is None:
+        raise ValueError(f"{run}: no 'Calibration: N x L tokens' line beside it")
+    return int(found.group(1))
+
+
 def frontier_table(scheme: str) -> str:
     """Every point of ``benchmarks/results/frontier.csv`` for ``scheme`` (runs on one kind of
     machine, two threads, quiet), fastest first; a point is on the time-quality frontier when
-    no other point is at least as fast and more accurate."""
+    no other point calibrated on as many windows is at least as fast and more accurate (more
+    calibration data is not equal terms)."""
     with (RESULTS / "frontier.csv").open(newline="") as handle:
         specs = [spec for spec in csv.DictReader(handle) if spec["scheme"] == scheme]
     points = []
     for spec in specs:
         row = rows(spec["run"])[(scheme, spec["method"])]
-        points.append((row["calib_s"], row["ppl"], row["ppl_cross"], spec))
+        points.append((row["calib_s"], row["ppl"], row["ppl_cross"], calibration_windows(spec["run"]), spec))
     points.sort(key=lambda point: (point[0], point[1]))
     body = []
-    for seconds, ppl, cross, spec in points:
+    for seconds, ppl, cross, windows, spec in points:
         dominated = any(
-            other[0] <= seconds and other[1] < ppl for other in points if other[3] is not spec
+            other[0] <= seconds and other[1] < ppl and other[3] == windows for other in points if other[4] is not spec
         )
         cross_cell = f"{cross:.2f}" if cross is not None else ""
         body.append([
-            spec["label"], f"{seconds:.0f}", f"{ppl:.2f}", cross_cell, "" if dominated else "yes",
+            spec["label"], str(windows), f"{seconds:.0f}", f"{ppl:.2f}", cross_cell, "" if dominated else "yes",
             f"`{spec['run'].removeprefix('runs/')}` `{spec['method']}`",
         ])
-    header = ["method", "calibration s", "wiki_eval", "Austen", "frontier", "measured in (benchmarks/results/runs/)"]
+    header = ["method", "windows", "calibration s", "wiki_eval", "Austen", "frontier",
+              "measured in (benchmarks/results/runs/)"]
     return markdown(header, body)
 
 

@@ -45,6 +45,24 @@ def test_a_stale_table_is_reported(tmp_path, monkeypatch):
     assert tables.main(["--check"]) == 0
 
 
+def test_a_frontier_point_is_beaten_only_on_as_many_calibration_windows(tmp_path, monkeypatch):
+    tables = _tables()
+    (tmp_path / "runs").mkdir()
+    header = "scheme,method,ppl,gap_recovered,calib_s,peak_rss_gib,rss_increase_gib,note,ppl_cross\n"
+    for run, windows, method, ppl, seconds in [("small", 32, "slow", 80.0, 300), ("more", 128, "fast", 70.0, 100)]:
+        (tmp_path / "runs" / f"{run}.csv").write_text(header + f"w2g64,{method},{ppl},,{seconds},1,1,x,90\n")
+        (tmp_path / "runs" / f"{run}.md").write_text(f"Calibration: {windows} x 512 tokens of wiki_calib.txt\n")
+    (tmp_path / "frontier.csv").write_text(
+        "scheme,label,run,method\nw2g64,slow one,runs/small.csv,slow\nw2g64,fast one,runs/more.csv,fast\n"
+    )
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    table = tables.frontier_table("w2g64")
+    assert "| fast one | 128 | 100 | 70.00 | 90.00 | yes |" in table
+    assert "| slow one | 32 | 300 | 80.00 | 90.00 | yes |" in table  # beaten only by more data
+    (tmp_path / "runs" / "more.md").write_text("Calibration: 32 x 512 tokens of wiki_calib.txt\n")
+    assert "| slow one | 32 | 300 | 80.00 | 90.00 |  |" in tables.frontier_table("w2g64")
+
+
 def test_relative_links_and_anchors_exist():
     broken = []
     for document in DOCUMENTS:
