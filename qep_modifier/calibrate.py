@@ -53,6 +53,8 @@ from tqdm import tqdm
 
 from llmcompressor.core import active_session
 from llmcompressor.modifiers.gptq.helpers import assign_batches
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+from llmcompressor.utils.helpers import DisableQuantization, disable_cache, eval_context
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from qep_modifier.block_tuning import (
@@ -74,6 +76,7 @@ from qep_modifier.block_tuning import (
     tune,
 )
 from qep_modifier.checks import quantizes_weight
+from qep_modifier.end_to_end import HeadInputs, batch_on, head_inputs, tune_end_to_end
 from qep_modifier.capture import (
     LayerPass,
     LayerStreams,
@@ -128,6 +131,8 @@ class RunSettings:
     block_tuning_code_learning_rate: float
     batched_quantization: bool
     block_size: int
+    end_to_end_epochs: int
+    end_to_end_learning_rate: float
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,10 @@ class CalibrationRun:
     # block tuning with code learning: each swept Linear's codes before rounding,
     # from its quantization until its layer is tuned
     unrounded_codes: dict[torch.nn.Module, torch.Tensor] = field(default_factory=dict)
+    # end-to-end tuning: this rank's calibration batches and the full-precision
+    # model's output-embedding inputs on them (recorded at calibration start)
+    end_to_end_batches: list[dict] = field(default_factory=list)
+    end_to_end_targets: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def start(
@@ -481,7 +490,7 @@ class CalibrationRun:
         for name, why in block.untuned_norms.items():
             self.problems.note("norm_untuned", f"{self.layer_names[layer]}.{name}")
             logger.debug(f"QEP block tuning: {self.layer_names[layer]}.{name} not tuned: {why}")
-        step_owners, checked = self._tuning_steps(layer)
+        step_owners, checked = self._tuning_steps(self.calls.num_batches(layer))
         epochs = self.settings.block_tuning_epochs
         progress = tqdm(
             total=epochs * len(step_owners) + 2 * len(checked),
@@ -538,9 +547,10 @@ class CalibrationRun:
                 + " -> ".join(f"{loss:.4g}" for loss in history) + ")"
             )
 
-    def _tuning_steps(self, layer) -> tuple[list[int], list[int]]:
+    def _tuning_steps(self, num_batches: int) -> tuple[list[int], list[int]]:
         """Which rank holds each tuning step's batch, and which of this rank's
-        batches measure whether tuning helped.
+        ``num_batches`` batches measure whether tuning helped (block tuning and
+        end-to-end tuning alike).
 
         One step per calibration batch, rank 0's batches first, then rank 1's,
         ...: the order of one process given the ranks' shards one after the
@@ -554,7 +564,7 @@ class CalibrationRun:
         mean while the parameters at its end are better (tiny Llama, 2 batches:
         0.0016 before, 0.0017 during the pass, 0.0012 after). The two passes
         cost about a third of a tuning epoch at 32 batches, all of one at 8."""
-        counts = gather(self.calls.num_batches(layer))
+        counts = gather(num_batches)
         step_owners = [owner for owner, count in enumerate(counts) for _ in range(count)]
         first_step = sum(counts[: rank()])
         checked = [
@@ -594,6 +604,72 @@ class CalibrationRun:
             f"norm weights: block_tuning_learning_rate: {rate} {advice}{codes}"
         )
 
+    # ------------------------------------------------------ end-to-end tuning
+    def record_end_to_end_targets(self, model: torch.nn.Module, head: torch.nn.Module, dataloader) -> None:
+        """Before anything is quantized: keep this rank's calibration batches and
+        the full-precision model's output-embedding input on each (on
+        ``stream_offload_device``), every other hook silenced."""
+        keep_on = self.settings.stream_offload_device or "cpu"
+        self.end_to_end_batches = [batch_on(batch, keep_on) for batch in dataloader]
+        with HooksMixin.disable_hooks(), DisableQuantization(model), disable_cache(model), eval_context(model):
+            self.end_to_end_targets = head_inputs(
+                model, head, self.end_to_end_batches, _input_device(model), keep_on
+            )
+
+    def tune_end_to_end(self, model: torch.nn.Module, head: torch.nn.Module) -> None:
+        """End-to-end tuning (``end_to_end_epochs``, :mod:`qep_modifier.end_to_end`):
+        Adam steps on every quantized Linear's group scales (but the output
+        embedding's) and every norm's output gain, so that the model's
+        output-embedding logits on this rank's ``batches`` match those of the
+        full-precision inputs ``targets``; written back only if the mean KL
+        divergence on the checked batches went down (else "end_to_end_fallback")."""
+        batches, targets = self.end_to_end_batches, self.end_to_end_targets
+        linears = {m: self.names[m] for m in self.targets if m in self.quantized and m is not head}
+        block = _TunedBlock(model, linears)
+        for name, why in block.untuned_norms.items():
+            self.problems.note("norm_untuned", name)
+            logger.debug(f"QEP end-to-end tuning: {name} not tuned: {why}")
+        step_owners, checked = self._tuning_steps(len(batches))
+        epochs = self.settings.end_to_end_epochs
+        progress = tqdm(
+            total=epochs * len(step_owners) + 2 * len(checked), desc="QEP end-to-end tuning", leave=False
+        )
+        device = _input_device(model)
+        recorder = HeadInputs(model, head)
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        with contextlib.ExitStack() as stack:
+            for parameter in frozen:  # only the gains take gradients
+                stack.enter_context(patch_attr(parameter, "requires_grad", False))
+            start, final, history = tune_end_to_end(
+                block,
+                lambda hidden: _head_logits(head, hidden),
+                lambda index: recorder(batch_on(batches[index], device)),
+                targets,
+                epochs,
+                self.settings.end_to_end_learning_rate,
+                step_owners,
+                rank(),
+                checked,
+                share_step,
+                lambda mine: mean_loss([value for part in gather(mine) for value in part]),
+                progress,
+            )
+        progress.close()
+        self.end_to_end_batches, self.end_to_end_targets = [], []
+        finite = math.isfinite(final)
+        kept = bool(history) and keeps_tuning(start, final, finite)
+        if kept:
+            block.write_back()
+        else:
+            self.problems.note("end_to_end_fallback", "model")
+        barrier()
+        if history and rank() == 0:
+            logger.info(
+                f"QEP: end-to-end tuning {'kept' if kept else 'not kept'}: mean KL divergence "
+                f"per token {start:.4g} -> {final:.4g} (during each epoch: "
+                + " -> ".join(f"{loss:.4g}" for loss in history) + ")"
+            )
+
     # ----------------------------------------------------------------- end
     def summarise(self) -> RunSummary:
         """Every rank's report rows, problems and ``auto`` choices merged (the same
@@ -611,6 +687,19 @@ class CalibrationRun:
             if (line := choices_summary(chosen)) is not None:
                 logger.info(line)
         return summary
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embedding's execution device."""
+    return get_execution_device(model.get_input_embeddings())
+
+
+def _head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The output embedding's logits on ``hidden``, from its own weight (during
+    calibration the toolkit points its forward at the meta device)."""
+    weight = head.weight.to(device=hidden.device, dtype=hidden.dtype)
+    bias = None if head.bias is None else head.bias.to(device=hidden.device, dtype=hidden.dtype)
+    return torch.nn.functional.linear(hidden, weight, bias)
 
 
 class _TunedBlock:

@@ -49,6 +49,7 @@ def check_modules(
     owner: str = "QEPModifier",
     refit_scales: int = 0,
     block_tuning_epochs: int = 0,
+    end_to_end_epochs: int = 0,
 ) -> None:
     """Every model check of a recipe with these fields (``owner``: the
     modifier's name, for the messages): each module's attached scheme
@@ -57,7 +58,7 @@ def check_modules(
     for name, module in named_modules:
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is not None:
-            check_scheme(name, scheme, owner, refit_scales, block_tuning_epochs)
+            check_scheme(name, scheme, owner, refit_scales, block_tuning_epochs, end_to_end_epochs)
     check_group_sizes(named_modules, owner)
 
 
@@ -156,7 +157,9 @@ def check_finite_weights(named_modules: NamedModules) -> None:
                 )
 
 
-def check_scheme(where: str, scheme, owner: str, refit_scales: int, block_tuning_epochs: int) -> None:
+def check_scheme(
+    where: str, scheme, owner: str, refit_scales: int, block_tuning_epochs: int, end_to_end_epochs: int = 0
+) -> None:
     """Raise one line when ``scheme`` (one resolved config group, named by
     ``where``) is not what QEP quantizes with: weight-only, int, 2 to 8 bits,
     symmetric with the full-range observer, and group or channel scales where
@@ -188,9 +191,27 @@ def check_scheme(where: str, scheme, owner: str, refit_scales: int, block_tuning
     for count, needs in (
         (refit_scales, "refit_scales needs the group or channel strategy"),
         (block_tuning_epochs, "block_tuning_epochs tunes group or channel scales"),
+        (end_to_end_epochs, "end_to_end_epochs tunes group or channel scales"),
     ):
         if count and weights.strategy not in ("group", "channel"):
             raise ValueError(f"{needs}: {where} has strategy {_value(weights.strategy)!r}")
+
+
+def check_end_to_end_model(model: torch.nn.Module, calibration) -> torch.nn.Module:
+    """What ``end_to_end_epochs`` needs: calibration data and an output embedding
+    that is a Linear (the logits it compares come from it). Returns the output
+    embedding; raises one line otherwise."""
+    if calibration is None:
+        raise ValueError("end_to_end_epochs needs calibration data (oneshot's dataset), and none was given")
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"end_to_end_epochs compares the model's output distributions through its output embedding, "
+            f"and {type(model).__name__} has none that is a Linear (got {type(head).__name__}); "
+            "use end_to_end_epochs: 0"
+        )
+    return head
 
 
 def check_observer_name(where: str, name: str | None, weight_observer: str | None = None) -> None:

@@ -40,6 +40,7 @@ from qep_modifier.checks import (
     NonFiniteWeights,
     check_calibration_size,
     check_code_learning,
+    check_end_to_end_model,
     check_finite_weights,
     check_modules,
     check_observer_name,
@@ -48,6 +49,7 @@ from qep_modifier.checks import (
     check_targets_match,
 )
 from qep_modifier.distributed import check_distinct_shards
+from qep_modifier.end_to_end import DEFAULT_END_TO_END_LEARNING_RATE
 from qep_modifier.rotations import check_session_rotations
 from qep_modifier.strength import (
     DEFAULT_PROPAGATION_STRENGTH,
@@ -69,6 +71,7 @@ _FLOAT_RANGES = {
     "block_tuning_learning_rate": "> 0",
     "first_order_strength": ">= 0",
     "block_tuning_code_learning_rate": ">= 0",
+    "end_to_end_learning_rate": "> 0",
     "dampening_frac": ">= 0",
 }
 
@@ -77,6 +80,7 @@ _WHOLE_NUMBERS = {
     "block_size": (1, "columns the GPTQ sweep updates at once; default 128"),
     "refit_scales": (0, "refits per module"),
     "block_tuning_epochs": (0, "passes over the calibration batches per layer"),
+    "end_to_end_epochs": (0, "passes of the whole model over the calibration batches at the end"),
 }
 
 
@@ -170,6 +174,21 @@ class QEPModifier(GPTQModifier):
         linearly to 0 over the layer's steps, and the final codes are the
         rounded latent ones. Needs ``block_tuning_epochs >= 1``, ``base: gptq``
         and ``group_scales: observer``
+    :param end_to_end_epochs: after every layer is quantized (and tuned), this
+        many passes of Adam steps (one per calibration batch) over the whole
+        model: they hold every code and zero point and tune every quantized
+        Linear's group scales (but the output embedding's) and every norm's
+        weights, so that the model's next-token distribution matches the
+        full-precision model's, per token
+        (:func:`~qep_modifier.end_to_end.token_kl_divergence`; the
+        full-precision model's inputs of the output embedding are recorded at
+        calibration start, one forward per batch). Each step is one forward and
+        backward of the whole model on one batch. Kept only if it lowers the
+        mean KL divergence on up to 8 batches. 0: none. Same checkpoint format;
+        group or channel strategy; the model needs an output embedding that is
+        a Linear
+    :param end_to_end_learning_rate: Adam's first learning rate for end-to-end
+        tuning, > 0, falling linearly to 0 over its steps
     :param stream_offload_device: where the full-precision stream, the recorded
         layer calls and the kept activations wait; keep it equal to oneshot's
         ``sequential_offload_device``
@@ -201,12 +220,16 @@ class QEPModifier(GPTQModifier):
     block_tuning_epochs: int = 0
     block_tuning_learning_rate: float = DEFAULT_LEARNING_RATE
     block_tuning_code_learning_rate: float = 0.0
+    end_to_end_epochs: int = 0
+    end_to_end_learning_rate: float = DEFAULT_END_TO_END_LEARNING_RATE
     cache_full_precision_inputs: bool = True
     resume_replays: bool = True
     report_errors: bool = False
 
 
     _decoder: DecoderLayers | None = PrivateAttr(default=None)
+    # end-to-end tuning: the output embedding and the calibration dataloader
+    _end_to_end: tuple[torch.nn.Module, object] | None = PrivateAttr(default=None)
     # the state of the calibration run (None outside calibration), and what the
     # last finished run left
     _run: CalibrationRun | None = PrivateAttr(default=None)
@@ -348,7 +371,10 @@ class QEPModifier(GPTQModifier):
         )
         for group, scheme in twin.resolve_quantization_config().config_groups.items():
             where = f"scheme {self.scheme!r}" if self.scheme is not None else f"config_groups.{group}"
-            check_scheme(where, scheme, type(self).__name__, self.refit_scales, self.block_tuning_epochs)
+            check_scheme(
+                where, scheme, type(self).__name__, self.refit_scales, self.block_tuning_epochs,
+                self.end_to_end_epochs,
+            )
             check_observer_name(where, scheme.weights.observer, self.weight_observer)
         return self
 
@@ -374,6 +400,12 @@ class QEPModifier(GPTQModifier):
         self._decoder = DecoderLayers.find(
             state.model, kwargs.get("sequential_targets"), self._module_names
         )
+        self._end_to_end = None
+        if self.end_to_end_epochs:
+            self._end_to_end = (
+                check_end_to_end_model(state.model, kwargs.get("calib_data")),
+                kwargs.get("calib_data"),
+            )
         if "propagation_strength" in self.model_fields_set:  # the default fits any model
             warn_unmatched_patterns(self.propagation_strength, self._module_names.values())
         return True
@@ -392,6 +424,7 @@ class QEPModifier(GPTQModifier):
             owner=type(self).__name__,
             refit_scales=self.refit_scales,
             block_tuning_epochs=self.block_tuning_epochs,
+            end_to_end_epochs=self.end_to_end_epochs,
         )
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
@@ -401,6 +434,8 @@ class QEPModifier(GPTQModifier):
         self._run = run = CalibrationRun.start(
             self, decoder.layers, decoder.names, decoder.layer_of, self._module_names, fields
         )
+        if self._end_to_end is not None:  # the full-precision model's outputs, first
+            run.record_end_to_end_targets(state.model, *self._end_to_end)
         for layer in decoder.layers:
             self.register_hook(layer, run.calls.record, "forward_pre", with_kwargs=True)
         outside = [module for module in run.targets if module not in decoder.layer_of]
@@ -425,6 +460,8 @@ class QEPModifier(GPTQModifier):
         super().on_calibration_end(state, event, **kwargs)
         if self._run is not None:
             self._run.calls.clear()
+            if self._end_to_end is not None:
+                self._run.tune_end_to_end(state.model, self._end_to_end[0])
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         # every rank's report rows, problems and choices, then one summary (rank 0)

@@ -37,6 +37,9 @@ PROBLEMS = {
     "tuning_fallback": "block tuning did not lower their output error (or left it not "
     "finite), so they kept their untuned scales and norm weights (see "
     "block_tuning_learning_rate)",
+    "end_to_end_fallback": "end-to-end tuning did not lower the KL divergence from the "
+    "full-precision model's output (or left it not finite), so the model kept the scales "
+    "and norm weights it had before (see end_to_end_learning_rate)",
 }
 
 #: names shown per reason in the warning (all of them at DEBUG level)

@@ -90,13 +90,14 @@ def recipes_table() -> str:
             body.append(cells + ["", "", "", spec["note"]])
             continue
         ours = rows(spec["run"])[(spec["scheme"], spec["method"])]
-        gptq = rows(spec["gptq_run"])[(spec["scheme"], spec["gptq_method"])]
-        ratio = f"{ours['calib_s'] / gptq['calib_s']:.2f}x" if spec["run"] == spec["gptq_run"] else ""
+        # no gptq_run: GPTQ on equal terms not measured (the note says why)
+        gptq = rows(spec["gptq_run"])[(spec["scheme"], spec["gptq_method"])] if spec["gptq_run"] else None
+        ratio = f"{ours['calib_s'] / gptq['calib_s']:.2f}x" if gptq and spec["run"] == spec["gptq_run"] else ""
         source = f"`{spec['run'].removeprefix('runs/')}`" + (
-            "" if spec["gptq_run"] == spec["run"] else f", `{spec['gptq_run'].removeprefix('runs/')}`"
+            "" if spec["gptq_run"] in ("", spec["run"]) else f", `{spec['gptq_run'].removeprefix('runs/')}`"
         )
         note = source + (f"; {spec['note']}" if spec["note"] else "")
-        body.append(cells + [f"{ours['ppl']:.2f}", f"{gptq['ppl']:.2f}", ratio, note])
+        body.append(cells + [f"{ours['ppl']:.2f}", f"{gptq['ppl']:.2f}" if gptq else "", ratio, note])
     header = ["recipe", "bits/weight", "wiki_eval ppl", "GPTQ, equal terms", "time x GPTQ", "measured in (benchmarks/results/runs/)"]
     return markdown(header, body)
 
@@ -235,7 +236,7 @@ VALUE_ROTATION_ROWS = [
     ("value rotation, `w3a16_values_qep` as shipped", "runs/w3g64-values-recipe.csv", "w3a16_values_qep"),
     ("value rotation, GPTQ on equal terms (QEPModifier strength 0)", "runs/w3g64-values-recipe.csv",
      "values_gptq_refit2_tuned1_full_range"),
-    ("SpinQuant R1 + R2 (`w3a16_spinquant_qep`; not exact on these families)", "runs/w3g64-full-range.csv",
+    ("SpinQuant R1 + R2 (`w3a16_spinquant_qep` before end-to-end tuning; not exact on these families)", "runs/w3g64-full-range.csv",
      "spinquant_qep_refit2_tuned1_full_range"),
     ("`w3a16_qep_gptq` (mse observer, no refits, no tuning)", "runs/w3g64-full-range.csv", "qep_gptq_best"),
 ]

@@ -278,3 +278,15 @@ def round_to_nearest(model, names, args):
         scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
         weight.copy_(fake_quantize(weight, scale, zero_point, args))
     return model
+
+
+def assert_reloads_packed(model, folder: Path, input_ids: torch.Tensor) -> None:
+    """Save ``model`` compressed to ``folder``: the format is pack-quantized and
+    the reloaded model gives the same logits on ``input_ids``."""
+    import json
+
+    expected = logits(model, input_ids)
+    model.save_pretrained(folder, save_compressed=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    torch.testing.assert_close(logits(load_model(folder), input_ids), expected, rtol=1e-4, atol=1e-4)

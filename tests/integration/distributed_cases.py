@@ -39,6 +39,10 @@ CASES = {
     "block_tuning_codes": Case(
         "llama", lambda: QEPModifier(block_tuning_epochs=4, block_tuning_code_learning_rate=0.0005, **W3)
     ),
+    # end-to-end tuning: each step's gradients from the rank that holds its batch
+    "end_to_end": Case(
+        "llama", lambda: QEPModifier(block_tuning_epochs=1, end_to_end_epochs=2, end_to_end_learning_rate=0.0005, **W3)
+    ),
     "moe": Case("moe", lambda: QEPModifier(**W3)),
     "lm_head": Case("tied", lambda: QEPModifier(targets="Linear", config_groups=group_scheme(3, 32))),
     "identical_data": Case("llama", lambda: QEPModifier(**W3), identical=True),

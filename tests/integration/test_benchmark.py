@@ -71,7 +71,11 @@ def test_merge_joins_runs_and_recomputes_the_gap(tmp_path):
 
 # fields added after the digests were taken, with their defaults: a dump leaves
 # them out at their default, so a method that does not set them digests as before
-_NEWER_FIELDS = {"block_tuning_code_learning_rate": 0.0}
+_NEWER_FIELDS = {
+    "block_tuning_code_learning_rate": 0.0,
+    "end_to_end_epochs": 0,
+    "end_to_end_learning_rate": 0.003,
+}
 
 
 def _dump(modifier) -> dict:

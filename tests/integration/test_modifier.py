@@ -1,7 +1,6 @@
 """QEPModifier through llm-compressor's oneshot on tiny random Llamas."""
 
 import functools
-import json
 import re
 
 import pytest
@@ -13,6 +12,7 @@ from qep_modifier import FOEMModifier, QEPModifier
 from tests.conftest import NUM_SAMPLES, SEQ_LEN
 from tests.models import (
     REPO,
+    assert_reloads_packed,
     group_scheme,
     inputs_of,
     load_model,
@@ -293,12 +293,7 @@ def test_block_tuning_lowers_the_output_error_holds_the_codes_and_reloads(
         assert not torch.equal(tuned[name]["weight_scale"], plain[name]["weight_scale"])
     norm = model.model.layers[0].input_layernorm.weight
     assert not torch.equal(norm, plain_model.model.layers[0].input_layernorm.weight)
-    expected = logits(model, held_out)
-    model.save_pretrained(tmp_path / "out", save_compressed=True)
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["quantization_config"]["format"] == "pack-quantized"
-    reloaded = load_model(tmp_path / "out")
-    torch.testing.assert_close(logits(reloaded, held_out), expected, rtol=1e-4, atol=1e-4)
+    assert_reloads_packed(model, tmp_path / "out", held_out)
 
 
 def test_block_tuning_moves_the_codes_on_their_grid_and_reloads(one_layer_llama, calibration, held_out, tmp_path):
