@@ -35,23 +35,27 @@ def two_ranks(models, tmp_path_factory):
     output = tmp_path_factory.mktemp("distributed-output")
     init = f"file://{output / 'rendezvous'}"
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.distributed_worker", "--rank", str(rank),
-             "--world-size", str(WORLD_SIZE), "--init", init, "--models", str(models),
-             "--output", str(output), "--cases", ",".join(CASES)],
-            cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(WORLD_SIZE)
-    ]
-    logs = []
+    # each rank's output goes to a file, not a pipe: a pipe read only after the other
+    # rank finished fills up (progress bars), blocks its writer inside a collective,
+    # and the two ranks then wait for each other
+    log_paths = [output / f"rank{rank}.log" for rank in range(WORLD_SIZE)]
+    ranks = []
+    for rank, log_path in enumerate(log_paths):
+        with log_path.open("w") as log:
+            ranks.append(subprocess.Popen(
+                [sys.executable, "-m", "tests.integration.distributed_worker", "--rank", str(rank),
+                 "--world-size", str(WORLD_SIZE), "--init", init, "--models", str(models),
+                 "--output", str(output), "--cases", ",".join(CASES)],
+                cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, text=True,
+            ))
     for process in ranks:
         try:
-            logs.append(process.communicate(timeout=600)[0])
+            process.wait(timeout=600)
         except subprocess.TimeoutExpired:
             for other in ranks:
                 other.kill()
             pytest.fail("the two ranks did not finish (a deadlock?)")
+    logs = [path.read_text() for path in log_paths]
     assert all(process.returncode == 0 for process in ranks), logs[0][-3000:] + logs[1][-3000:]
     return output
 
