@@ -79,6 +79,7 @@ from qep_modifier.checks import quantizes_weight
 from qep_modifier.end_to_end import HeadInputs, batch_on, head_inputs, tune_end_to_end
 from qep_modifier.capture import (
     LayerPass,
+    linear_with,
     LayerStreams,
     RecordedCalls,
     SkippedCalibration,
@@ -642,7 +643,7 @@ class CalibrationRun:
                 stack.enter_context(patch_attr(parameter, "requires_grad", False))
             start, final, history = tune_end_to_end(
                 block,
-                lambda hidden: _head_logits(head, hidden),
+                lambda hidden: linear_with(head.weight, head, hidden),  # its forward points at meta here
                 lambda index: recorder(batch_on(batches[index], device)),
                 targets,
                 epochs,
@@ -656,8 +657,7 @@ class CalibrationRun:
             )
         progress.close()
         self.end_to_end_batches, self.end_to_end_targets = [], []
-        finite = math.isfinite(final)
-        kept = bool(history) and keeps_tuning(start, final, finite)
+        kept = bool(history) and keeps_tuning(start, final)  # final is nan when a parameter is not
         if kept:
             block.write_back()
         else:
@@ -692,14 +692,6 @@ class CalibrationRun:
 def _input_device(model: torch.nn.Module) -> torch.device:
     """Where the model's inputs go: its input embedding's execution device."""
     return get_execution_device(model.get_input_embeddings())
-
-
-def _head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The output embedding's logits on ``hidden``, from its own weight (during
-    calibration the toolkit points its forward at the meta device)."""
-    weight = head.weight.to(device=hidden.device, dtype=hidden.dtype)
-    bias = None if head.bias is None else head.bias.to(device=hidden.device, dtype=hidden.dtype)
-    return torch.nn.functional.linear(hidden, weight, bias)
 
 
 class _TunedBlock:
@@ -786,15 +778,29 @@ class _TunedBlock:
             for module, (_, _, zero_point, groups, _) in self.grids.items()
         }
 
+    def _gained_norms(self, stack: contextlib.ExitStack) -> None:
+        """Each tuned norm computes with its output gain while ``stack`` is open."""
+        for norm, norm_gain in self.norms.items():
+            stack.enter_context(patch_attr(norm, "forward", partial(gained, norm.forward, norm_gain)))
+
     def output(self, hooks, batch, args, kwargs, hidden) -> torch.Tensor:
         """The layer's output on one recorded call, with the tuned parameters."""
         with contextlib.ExitStack() as stack:
-            for norm, norm_gain in self.norms.items():
-                stack.enter_context(patch_attr(norm, "forward", partial(gained, norm.forward, norm_gain)))
+            self._gained_norms(stack)
             plain = stack.enter_context(
                 LayerPass(hooks, self.layer, (), weights=self.weights(self.scales()))
             )
             return first_tensor(plain.run(batch, args, kwargs, hidden)[1])
+
+    @contextlib.contextmanager
+    def tuned_forward(self):
+        """Any forward through the Linears and norms computes with the tuned
+        parameters (end-to-end tuning runs the whole model in it)."""
+        with contextlib.ExitStack() as stack:
+            self._gained_norms(stack)
+            for module, weight in self.weights(self.scales()).items():
+                stack.enter_context(patch_attr(module, "forward", partial(linear_with, weight, module)))
+            yield
 
     def write_back(self) -> None:
         """The tuned scales, weights (on the tuned codes) and norm weights into

@@ -259,7 +259,7 @@ class LayerPass:
             for module, weight in self.weights.items():
                 stack.enter_context(
                     patch_attr(
-                        module, "forward", functools.partial(_linear_with, weight, module)
+                        module, "forward", functools.partial(linear_with, weight, module)
                     )
                 )
             kept = self.replay.kept.get(self.batch, {}) if self.replay is not None else {}
@@ -610,7 +610,7 @@ def _prefixes(name: str) -> list[str]:
     return [".".join(parts[:index]) for index in range(1, len(parts))]
 
 
-def _linear_with(weight: torch.Tensor, module: torch.nn.Module, inp: torch.Tensor):
+def linear_with(weight: torch.Tensor, module: torch.nn.Module, inp: torch.Tensor):
     """``module``'s forward with ``weight`` in place of its own."""
     bias = module.bias
     return torch.nn.functional.linear(

@@ -26,15 +26,11 @@ batch, so the result is one process's on the ranks' shards in rank order.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from functools import partial
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
-from compressed_tensors.utils import patch_attr
 
 __all__ = [
     "DEFAULT_END_TO_END_LEARNING_RATE", "HeadInputs", "batch_on", "head_inputs", "token_kl_divergence", "tune_end_to_end",
@@ -46,10 +42,6 @@ __all__ = [
 #: windows: 28.82 -> 27.83 on wiki_eval with one pass at 0.001, 27.30 with two
 #: at 0.003 (docs/autoround.md)
 DEFAULT_END_TO_END_LEARNING_RATE = 0.003
-
-# how many batches (at most) measure whether the pass helped, as block tuning
-_CHECK_BATCHES = 8
-
 
 def token_kl_divergence(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of ``KL(softmax(target_logits) || softmax(logits))``
@@ -106,26 +98,6 @@ def head_inputs(
         return [recorder(batch_on(batch, device)).detach().to(keep_on) for batch in batches]
 
 
-@contextlib.contextmanager
-def tuned_forward(block) -> Iterator[None]:
-    """``block``'s Linears compute with its tuned weights and its norms with
-    their output gains (``block``: calibrate's tuned parameters of a set of
-    Linears and norms)."""
-    from qep_modifier.block_tuning import gained
-
-    weights = block.weights(block.scales())
-    with contextlib.ExitStack() as stack:
-        for module, weight in weights.items():
-            stack.enter_context(patch_attr(module, "forward", partial(_linear_with, weight, module)))
-        for norm, gain in block.norms.items():
-            stack.enter_context(patch_attr(norm, "forward", partial(gained, norm.forward, gain)))
-        yield
-
-
-def _linear_with(weight: torch.Tensor, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, weight.to(device=x.device, dtype=x.dtype), module.bias)
-
-
 def tune_end_to_end(
     block,
     head_logits: Callable[[torch.Tensor], torch.Tensor],
@@ -140,7 +112,8 @@ def tune_end_to_end(
     gather_mean: Callable[[list[float]], float],
     progress=None,
 ) -> tuple[float, float, list[float]]:
-    """Adam on ``block.parameters()`` for ``epochs`` passes, one step per batch
+    """Adam on ``block.parameters()`` (calibrate's tuned parameters of a set of
+    Linears and norms; ``block.tuned_forward()`` computes with them) for ``epochs`` passes, one step per batch
     (``step_owners``: which rank holds each step's batch; this rank's batches
     in order, ``student_inputs(i)``: the output embedding's input on this
     rank's batch ``i`` under the tuned forward; ``targets[i]``: the
@@ -151,7 +124,7 @@ def tune_end_to_end(
     from qep_modifier.block_tuning import tune
 
     def loss(index: int) -> torch.Tensor:
-        with tuned_forward(block):
+        with block.tuned_forward():
             hidden = student_inputs(index)
         target = targets[index].to(hidden.device)
         with torch.no_grad():

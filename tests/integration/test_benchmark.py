@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.models import save_tiny_llama
 
+from qep_modifier.end_to_end import DEFAULT_END_TO_END_LEARNING_RATE
 from tests.models import REPO
 
 
@@ -74,7 +75,7 @@ def test_merge_joins_runs_and_recomputes_the_gap(tmp_path):
 _NEWER_FIELDS = {
     "block_tuning_code_learning_rate": 0.0,
     "end_to_end_epochs": 0,
-    "end_to_end_learning_rate": 0.003,
+    "end_to_end_learning_rate": DEFAULT_END_TO_END_LEARNING_RATE,
 }
 
 
