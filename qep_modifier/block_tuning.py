@@ -20,14 +20,18 @@ rounded in the forward and passed straight through in the backward
 any GPTQ codes.
 
 The pure pieces live here (tested without models): a Linear's column groups,
-its integer codes, the weight from codes and tuned scales, and the Adam loop.
-The run loop runs the layer (:meth:`qep_modifier.calibrate.CalibrationRun.tune_layer`).
+its integer codes, the weight from codes and tuned scales, the Adam loop, and
+the checked run around it that block tuning and end-to-end tuning share
+(:func:`checked_tuning`: steps in rank order, the loss on the checked batches
+before and after, kept or not). The run loop runs the layer
+(:meth:`qep_modifier.calibrate.CalibrationRun.tune_layer`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
@@ -35,9 +39,10 @@ from functools import partial
 import torch
 
 __all__ = [
-    "DEFAULT_LEARNING_RATE", "NormForm", "OffGrid", "checked_batches", "column_groups", "dequantized_weight", "gained",
-    "gained_norm_parameters", "grid_codes", "is_norm", "keeps_tuning", "latent_codes", "linear_decay", "mean_loss",
-    "norm_form", "rounded_codes", "scales_with_weight", "token_relative_error", "tune", "unrounded_codes",
+    "DEFAULT_LEARNING_RATE", "NormForm", "OffGrid", "TuningOutcome", "TuningSteps", "checked_batches", "checked_tuning",
+    "column_groups", "dequantized_weight", "gained", "gained_norm_parameters", "grid_codes", "is_norm", "keeps_tuning",
+    "latent_codes", "linear_decay", "mean_loss", "norm_form", "rounded_codes", "scales_with_weight",
+    "token_relative_error", "tune", "unrounded_codes",
 ]
 
 #: ``block_tuning_learning_rate``'s default: Adam's step on the log-scale gains
@@ -207,6 +212,100 @@ def tune(
                 total, count = total + value, count + 1
             history.append(total / max(count, 1))
     return history
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningSteps:
+    """Who computes each tuning step, and which batches check the result.
+
+    ``owners``: the rank that holds each step's batch, in step order (one
+    process: all 0); ``rank``: this process; ``checked``: the indices, among
+    this rank's batches, of those whose loss before and after tuning decides
+    whether it is kept."""
+
+    owners: list[int]
+    rank: int
+    checked: list[int]
+
+    def work(self, epochs: int) -> int:
+        """What a progress bar counts over a run of ``epochs``: every step, and
+        each checked batch twice (before and after)."""
+        return epochs * len(self.owners) + 2 * len(self.checked)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningOutcome:
+    """A checked tuning run: the mean loss over every rank's checked batches
+    before any step and after the last (``nan`` when a parameter ended not
+    finite), and each epoch's mean loss during it."""
+
+    start_loss: float
+    final_loss: float
+    history: list[float]
+
+    @property
+    def kept(self) -> bool:
+        """Whether the tuned values are written back (:func:`keeps_tuning`)."""
+        return bool(self.history) and keeps_tuning(self.start_loss, self.final_loss)
+
+    def describe(self) -> str:
+        """``start -> final (during each epoch: ...)``, for the log."""
+        during = " -> ".join(f"{loss:.4g}" for loss in self.history)
+        return f"{self.start_loss:.4g} -> {self.final_loss:.4g} (during each epoch: {during})"
+
+
+def checked_tuning(
+    parameters: list[torch.Tensor],
+    batches: Callable[[], Iterable],
+    loss: Callable[..., torch.Tensor],
+    epochs: int,
+    learning_rate: float | Sequence[float],
+    steps: TuningSteps,
+    share: Callable[[list[torch.Tensor], torch.Tensor | None, int], float],
+    gather: Callable[[list[float]], list[list[float]]],
+    decaying: tuple[Sequence[bool], int] | None = None,
+    progress=None,
+) -> TuningOutcome:
+    """:func:`tune` over every rank's batches in step order, measured before and
+    after on the checked batches (block tuning and end-to-end tuning alike).
+
+    ``batches()``: this rank's batches in order (lazily); ``loss(batch)``: the
+    loss on one at the current parameters. A step whose batch another rank
+    holds yields ``None``; ``share(parameters, loss, owner)`` leaves that step's
+    gradients on every rank and returns its loss. ``gather(values)``: every
+    rank's list of values, in rank order, so the checked mean (summed exactly)
+    is the same on every rank. ``progress`` (a tqdm bar, optional) counts steps
+    and checked batches."""
+
+    def checked_loss() -> float:
+        with torch.no_grad():
+            mine = [loss(batch).item() for position, batch in enumerate(batches()) if position in steps.checked]
+        if progress is not None:
+            progress.update(len(mine))
+        return mean_loss([value for part in gather(mine) for value in part])
+
+    def batch_losses():
+        mine = iter(batches())
+        for owner in steps.owners:
+            if progress is not None:
+                progress.update(1)
+            if owner != steps.rank:
+                yield None  # another rank's batch: its gradients come from share
+                continue
+            yield loss(next(mine))
+
+    start = checked_loss()
+    owners = itertools.cycle(steps.owners)
+    history = tune(
+        parameters,
+        batch_losses,
+        epochs,
+        learning_rate,
+        share=lambda tuned, value: share(tuned, value, next(owners)),
+        decaying=decaying,
+    )
+    finite = all(bool(torch.isfinite(parameter).all()) for parameter in parameters)
+    return TuningOutcome(start, checked_loss() if finite else math.nan, history)
 
 
 def linear_decay(step: int, steps: int) -> float:

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -60,23 +58,23 @@ from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from qep_modifier.block_tuning import (
     DEFAULT_LEARNING_RATE,
     OffGrid,
+    TuningOutcome,
+    TuningSteps,
     checked_batches,
+    checked_tuning,
     column_groups,
     dequantized_weight,
     gained,
     gained_norm_parameters,
     grid_codes,
     is_norm,
-    keeps_tuning,
     latent_codes,
-    mean_loss,
     norm_form,
     rounded_codes,
     token_relative_error,
-    tune,
 )
 from qep_modifier.checks import quantizes_weight
-from qep_modifier.end_to_end import HeadInputs, batch_on, head_inputs, tune_end_to_end
+from qep_modifier.end_to_end import HeadInputs, batch_on, head_inputs, logit_loss
 from qep_modifier.capture import (
     LayerPass,
     linear_with,
@@ -98,6 +96,7 @@ from qep_modifier.distributed import (
     shared,
 )
 from qep_modifier.plan import Group, LayerPlan, TraceCall, expert_role, plan_layer, plan_subgraph
+from qep_modifier.propagation import PropagatedOutputs, last_linear
 from qep_modifier.quantize import GroupQuantizer, QuantizeOutcome
 from qep_modifier.reports import ErrorReport, ProblemLog
 from qep_modifier.statistics import LinearStatistics, accumulate_batch
@@ -167,6 +166,8 @@ class CalibrationRun:
     settings: RunSettings
     calls: RecordedCalls
     skipped: SkippedCalibration = field(default_factory=SkippedCalibration)
+    # layers whose pipeline propagation pass hands back the outputs QEP resumed
+    propagated: PropagatedOutputs = field(default_factory=PropagatedOutputs)
     # statistics of the targets outside the layers (lm_head), from their pre-hook
     outside_statistics: Statistics = field(default_factory=dict)
     # the full-precision stream: each batch's input of the next layer
@@ -316,10 +317,24 @@ class CalibrationRun:
             self.full_precision_stream = streams.finish()
             if self.settings.block_tuning_epochs and todo:
                 self.tune_layer(layer, todo, streams.quantized_calls(), self.full_precision_stream)
-            return streams.propagate() if propagate else None
+            outputs = streams.outputs()
+            if outputs is None:
+                return streams.propagate() if propagate else None
+            self.propagated.install(layer, self._quantized_inputs(layer, quantized_hidden), outputs)
+            return [first_tensor(output) for output in outputs] if propagate else None
+
+    def _quantized_inputs(self, layer, quantized_hidden: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Each batch's quantized-stream input of ``layer`` (on ``stream_offload_device``)."""
+        if quantized_hidden is None:
+            quantized_hidden = [
+                split_hidden(*self.calls.fetch(layer, batch))[0] for batch in range(self.calls.num_batches(layer))
+            ]
+        device = self.settings.stream_offload_device
+        return [hidden.to(device) if device is not None else hidden for hidden in quantized_hidden]
 
     def _streams(self, layer, linears, todo, calls, quantized_hidden, plan) -> LayerStreams:
         """The layer's two streams; they take over the full-precision stream."""
+        tuned = self.settings.block_tuning_epochs > 0 and bool(todo)  # the kept outputs go stale
         streams = LayerStreams(
             self.hooks,
             layer,
@@ -334,6 +349,7 @@ class CalibrationRun:
             cache_full_precision=self.settings.cache_full_precision_inputs,
             resume=self.settings.resume_replays,
             offload_device=self.settings.stream_offload_device,
+            last=None if tuned or not plan.groups else last_linear(layer, plan.groups[-1].modules),
         )
         self.full_precision_stream = None  # the streams own it now
         return streams
@@ -491,64 +507,31 @@ class CalibrationRun:
         for name, why in block.untuned_norms.items():
             self.problems.note("norm_untuned", f"{self.layer_names[layer]}.{name}")
             logger.debug(f"QEP block tuning: {self.layer_names[layer]}.{name} not tuned: {why}")
-        step_owners, checked = self._tuning_steps(self.calls.num_batches(layer))
+        steps = self._tuning_steps(self.calls.num_batches(layer))
         epochs = self.settings.block_tuning_epochs
-        progress = tqdm(
-            total=epochs * len(step_owners) + 2 * len(checked),
-            desc=f"QEP tuning {self.layer_names[layer]}",
-            leave=False,
-        )
+        progress = tqdm(total=steps.work(epochs), desc=f"QEP tuning {self.layer_names[layer]}", leave=False)
 
-        def loss(batch, args, kwargs, hidden):
+        def loss(call) -> torch.Tensor:
+            batch, args, kwargs, hidden = call
             output = block.output(self.hooks, batch, args, kwargs, hidden)
             return token_relative_error(output, targets[batch].to(output.device))
 
-        def batch_losses():
-            mine = iter(calls())
-            for owner in step_owners:
-                progress.update(1)
-                if owner != rank():
-                    yield None  # another rank's batch: its gradients come from share_step
-                    continue
-                yield loss(*next(mine))
-
-        def checked_loss() -> float:
-            """The mean loss over every rank's checked batches at the current
-            parameters (a forward each, no step); the same on every rank."""
-            with torch.no_grad():
-                mine = [loss(*call).item() for position, call in enumerate(calls()) if position in checked]
-            progress.update(len(mine))
-            return mean_loss([value for part in gather(mine) for value in part])
-
-        start_loss = checked_loss()
-        owners = itertools.cycle(step_owners)
         rate, decaying = self.settings.block_tuning_learning_rate, None
         if code_rate > 0:  # one rate per parameter; the codes' rate falls linearly to 0
             codes = block.code_flags()
             rate = [code_rate if is_code else rate for is_code in codes]
-            decaying = (codes, len(step_owners))
-        history = tune(
-            block.parameters(),
-            batch_losses,
-            epochs,
-            rate,
-            share=lambda parameters, loss: share_step(parameters, loss, next(owners)),
-            decaying=decaying,
+            decaying = (codes, len(steps.owners))
+        outcome = checked_tuning(
+            block.parameters(), calls, loss, epochs, rate, steps, share_step, gather, decaying, progress
         )
-        finite = all(bool(torch.isfinite(parameter).all()) for parameter in block.parameters())
-        final_loss = checked_loss() if finite else math.nan
         progress.close()
-        kept = bool(history) and keeps_tuning(start_loss, final_loss, finite)
-        self._keep_or_fall_back(layer, block, kept)
-        if history and rank() == 0:  # the same on every rank
-            logger.info(
-                f"QEP: {'tuned' if kept else 'kept the untuned'} "
-                f"{self.layer_names[layer]}: mean relative output error per token "
-                f"{start_loss:.4g} -> {final_loss:.4g} (during each epoch: "
-                + " -> ".join(f"{loss:.4g}" for loss in history) + ")"
-            )
+        self.tuned_layers += 1
+        self._keep_or_fall_back(
+            block, outcome, "tuning_fallback", self.layer_names[layer],
+            f"{self.layer_names[layer]}: mean relative output error per token",
+        )
 
-    def _tuning_steps(self, num_batches: int) -> tuple[list[int], list[int]]:
+    def _tuning_steps(self, num_batches: int) -> TuningSteps:
         """Which rank holds each tuning step's batch, and which of this rank's
         ``num_batches`` batches measure whether tuning helped (block tuning and
         end-to-end tuning alike).
@@ -573,17 +556,21 @@ class CalibrationRun:
             for step in checked_batches(len(step_owners), _TUNING_CHECK_BATCHES)
             if step_owners[step] == rank()
         ]
-        return step_owners, checked
+        return TuningSteps(step_owners, rank(), checked)
 
-    def _keep_or_fall_back(self, layer, block: "_TunedBlock", kept: bool) -> None:
-        """Write the tuned values back, or note that ``layer`` keeps its untuned
-        scales and norm weights (they were never written); then wait for every rank."""
-        self.tuned_layers += 1
-        if kept:
+    def _keep_or_fall_back(
+        self, block: "_TunedBlock", outcome: TuningOutcome, reason: str, name: str, measure: str
+    ) -> None:
+        """Write the tuned values back, or note (``reason``) that ``name`` keeps
+        its untuned scales and norm weights (they were never written); wait for
+        every rank; log the ``measure`` before and after."""
+        if outcome.kept:
             block.write_back()
         else:
-            self.problems.note("tuning_fallback", self.layer_names[layer])
+            self.problems.note(reason, name)
         barrier()  # every rank wrote the same values; none propagates before all have
+        if outcome.history and rank() == 0:  # the same on every rank
+            logger.info(f"QEP: {'tuned' if outcome.kept else 'kept the untuned'} {measure} {outcome.describe()}")
 
     def _warn_tuning_never_kept(self) -> None:
         """A learning rate with which no tuned layer got better: one warning."""
@@ -630,45 +617,36 @@ class CalibrationRun:
         for name, why in block.untuned_norms.items():
             self.problems.note("norm_untuned", name)
             logger.debug(f"QEP end-to-end tuning: {name} not tuned: {why}")
-        step_owners, checked = self._tuning_steps(len(batches))
+        steps = self._tuning_steps(len(batches))
         epochs = self.settings.end_to_end_epochs
-        progress = tqdm(
-            total=epochs * len(step_owners) + 2 * len(checked), desc="QEP end-to-end tuning", leave=False
-        )
+        progress = tqdm(total=steps.work(epochs), desc="QEP end-to-end tuning", leave=False)
         device = _input_device(model)
         recorder = HeadInputs(model, head)
-        frozen = [p for p in model.parameters() if p.requires_grad]
+        loss = logit_loss(
+            block,
+            lambda hidden: linear_with(head.weight, head, hidden),  # its forward points at meta here
+            lambda index: recorder(batch_on(batches[index], device)),
+            targets,
+        )
+        tuned = block.parameters()
         with contextlib.ExitStack() as stack:
-            for parameter in frozen:  # only the gains take gradients
+            for parameter in [p for p in model.parameters() if p.requires_grad]:  # only the gains take gradients
                 stack.enter_context(patch_attr(parameter, "requires_grad", False))
-            start, final, history = tune_end_to_end(
-                block,
-                lambda hidden: linear_with(head.weight, head, hidden),  # its forward points at meta here
-                lambda index: recorder(batch_on(batches[index], device)),
-                targets,
+            outcome = checked_tuning(
+                tuned,
+                lambda: range(len(batches)),
+                loss,
                 epochs,
-                self.settings.end_to_end_learning_rate,
-                step_owners,
-                rank(),
-                checked,
+                [self.settings.end_to_end_learning_rate] * len(tuned),
+                steps,
                 share_step,
-                lambda mine: mean_loss([value for part in gather(mine) for value in part]),
+                gather,
+                ([True] * len(tuned), len(steps.owners)),
                 progress,
             )
         progress.close()
         self.end_to_end_batches, self.end_to_end_targets = [], []
-        kept = bool(history) and keeps_tuning(start, final)  # final is nan when a parameter is not
-        if kept:
-            block.write_back()
-        else:
-            self.problems.note("end_to_end_fallback", "model")
-        barrier()
-        if history and rank() == 0:
-            logger.info(
-                f"QEP: end-to-end tuning {'kept' if kept else 'not kept'}: mean KL divergence "
-                f"per token {start:.4g} -> {final:.4g} (during each epoch: "
-                + " -> ".join(f"{loss:.4g}" for loss in history) + ")"
-            )
+        self._keep_or_fall_back(block, outcome, "end_to_end_fallback", "model", "model: mean KL divergence per token")
 
     # ----------------------------------------------------------------- end
     def summarise(self) -> RunSummary:

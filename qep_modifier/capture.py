@@ -33,6 +33,7 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.pipelines.cache import IntermediatesCache
 
 from qep_modifier.plan import CallRef, Group, LayerPlan, TraceCall
+from qep_modifier.propagation import LastLinear, resumed_outputs
 
 __all__ = [
     "LayerPass",
@@ -143,8 +144,9 @@ class ReplayOutputs:
     only Linears already quantized (``final``), would compute the same output
     again. Kept per batch: the outermost such modules that contain a target
     Linear and return a single tensor (q/k/v while o's group is calibrated,
-    q/k/v/o while the MLP's are). A kept output written in place after it was
-    kept is dropped (it is recomputed instead).
+    q/k/v/o while the MLP's are, and after the last replay for the
+    propagation pass, :mod:`qep_modifier.propagation`). A kept output written
+    in place after it was kept is dropped (it is recomputed instead).
     """
 
     def __init__(
@@ -328,8 +330,9 @@ class LayerPass:
     def _module_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         opened, unfinished = self._open.pop()
         # single tensors only: an attention block returns its probabilities beside
-        # its output (heads x tokens / width times its size); its kept q, k, v
-        # and o let it recompute only the attention itself
+        # its output (heads x tokens / width times its size; the toolkit calibrates
+        # under eager attention); its kept q, k, v and o let it recompute only the
+        # attention itself
         if (
             opened is module
             and unfinished == self._unfinished_linears
@@ -394,6 +397,9 @@ class LayerStreams:
         the recorded one: nothing before the layer is quantized)
     :param plan: the layer's plan; ``final``: Linears of the layer already
         quantized before it
+    :param last: the last group's Linear, whose inputs the last replay keeps
+        (with q, k, v, o's outputs) for :meth:`outputs` (``None``: it keeps
+        nothing; needs ``resume``)
     """
 
     def __init__(
@@ -411,6 +417,7 @@ class LayerStreams:
         cache_full_precision: bool,
         resume: bool,
         offload_device: torch.device | str | None,
+        last: LastLinear | None = None,
     ):
         self.owner, self.layer, self.linears, self.plan = owner, layer, linears, plan
         self._calls = calls
@@ -421,6 +428,7 @@ class LayerStreams:
         self.cache_full_precision = cache_full_precision
         self.offload_device = offload_device
         self.replay = ReplayOutputs(layer, linears, offload_device) if resume else None
+        self.last = last if resume else None
         self._original_weights: dict[torch.nn.Module, torch.Tensor] = {}
         self._kept_inputs: list[Inputs] = []  # later paired groups' X, per batch
         self._next_stream: list[torch.Tensor] = []
@@ -431,13 +439,14 @@ class LayerStreams:
         """Each batch's ``(X~, X)`` of ``group``'s members, call by call (``X`` is
         ``None`` for a group that needs no full-precision stream)."""
         is_last = group is self.plan.groups[-1]
+        keeps_last = is_last and self.last is not None
         with contextlib.ExitStack() as stack:
             up_to_group = functools.partial(
                 LayerPass, self.owner, self.layer, self.linears,
                 capture=group.modules, stop=group.stop,
             )
             quantized = stack.enter_context(
-                up_to_group(replay=self.replay, final=self.final, keep_outputs=not is_last)
+                up_to_group(replay=self.replay, final=self.final, keep_outputs=not is_last or keeps_last)
             )
             full_pass = None if self._passed else self._full_precision_pass(stack, group)
             full_replay = None
@@ -457,6 +466,8 @@ class LayerStreams:
                 elif group.paired:
                     x = self._kept_inputs[batch]
                 captured, _ = quantized.run(batch, args, kwargs, hidden)
+                if keeps_last:
+                    keeps_last = self._keep_last(batch, captured)
                 yield group.inputs(captured), group.inputs(x) if group.paired else None
                 if self.cache_full_precision and group.paired:
                     for module in group.modules:  # read once: free it
@@ -485,6 +496,27 @@ class LayerStreams:
         self._original_weights, self._kept_inputs = {}, []
         return self._next_stream if self.stream_needed else None
 
+    def outputs(self) -> list[Any] | None:
+        """Each batch's output of the (now quantized) layer, resumed from the
+        last replay (:mod:`qep_modifier.propagation`), or ``None`` where it
+        cannot be (no ``last``, or batch 0 shows it is not the whole forward)."""
+        if self.last is None:
+            if self.replay is not None:
+                self.replay.kept.clear()
+            return None
+        try:
+            with (
+                LayerPass(self.owner, self.layer, self.linears) as whole,
+                LayerPass(self.owner, self.layer, self.linears, replay=self.replay) as resumed,
+            ):
+                return resumed_outputs(
+                    whole, resumed, self._batches(self._quantized_hidden), self.replay.kept, self.last,
+                    self.offload_device,
+                )
+        finally:
+            self.replay.kept.clear()
+            self.last.inputs.clear()
+
     def propagate(self) -> list[torch.Tensor]:
         """The (now quantized) layer's output for each batch: what the next
         layer of the same subgraph gets as its quantized-stream input."""
@@ -501,6 +533,21 @@ class LayerStreams:
         return functools.partial(self._batches, self._quantized_hidden)
 
     # -------------------------------------------------------------- helpers
+    def _keep_last(self, batch: int, captured: Inputs) -> bool:
+        """Keep the last replay's input of ``last`` on ``batch``, and its kept
+        outputs but those inside the module that returns ``last``'s output (which
+        :meth:`outputs` computes from that input); whether it could (else
+        nothing is kept, and the pipeline's pass runs whole)."""
+        kept = self.replay.kept.get(batch, {})
+        for module in [m for m in kept if m in self.last.inside]:
+            del kept[module]
+        if self.last.keep(batch, captured.get(self.last.linear, [])):
+            return True
+        self.replay.kept.clear()
+        self.last.inputs.clear()
+        self.last = None
+        return False
+
     def _batches(self, hidden_states: list[torch.Tensor] | None) -> Iterator[Batch]:
         for batch, args, kwargs in self._calls():
             hidden = None

@@ -26,14 +26,12 @@ batch, so the result is one process's on the ranks' shards in rank order.
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 __all__ = [
-    "DEFAULT_END_TO_END_LEARNING_RATE", "HeadInputs", "batch_on", "head_inputs", "token_kl_divergence", "tune_end_to_end",
+    "DEFAULT_END_TO_END_LEARNING_RATE", "HeadInputs", "batch_on", "head_inputs", "logit_loss", "token_kl_divergence",
 ]
 
 #: ``end_to_end_learning_rate``'s default: Adam's first step on the log-scale
@@ -98,30 +96,17 @@ def head_inputs(
         return [recorder(batch_on(batch, device)).detach().to(keep_on) for batch in batches]
 
 
-def tune_end_to_end(
+def logit_loss(
     block,
     head_logits: Callable[[torch.Tensor], torch.Tensor],
     student_inputs: Callable[[int], torch.Tensor],
     targets: list[torch.Tensor],
-    epochs: int,
-    learning_rate: float,
-    step_owners: list[int],
-    my_rank: int,
-    checked: list[int],
-    share: Callable,
-    gather_mean: Callable[[list[float]], float],
-    progress=None,
-) -> tuple[float, float, list[float]]:
-    """Adam on ``block.parameters()`` (calibrate's tuned parameters of a set of
-    Linears and norms; ``block.tuned_forward()`` computes with them) for ``epochs`` passes, one step per batch
-    (``step_owners``: which rank holds each step's batch; this rank's batches
-    in order, ``student_inputs(i)``: the output embedding's input on this
-    rank's batch ``i`` under the tuned forward; ``targets[i]``: the
-    full-precision one; ``head_logits``: the output embedding).
-    Returns the mean loss over the ``checked`` batches (this rank's indices;
-    ``gather_mean`` averages every rank's) before and after, and each epoch's
-    mean loss during it."""
-    from qep_modifier.block_tuning import tune
+) -> Callable[[int], torch.Tensor]:
+    """The loss end-to-end tuning steps on, for this rank's batch ``index``:
+    :func:`token_kl_divergence` of the output embedding's logits
+    (``head_logits``) on ``student_inputs(index)`` (its input under
+    ``block.tuned_forward()``, calibrate's tuned parameters of a set of Linears
+    and norms) from those on ``targets[index]`` (the full-precision input)."""
 
     def loss(index: int) -> torch.Tensor:
         with block.tuned_forward():
@@ -131,33 +116,4 @@ def tune_end_to_end(
             target_logits = head_logits(target)
         return token_kl_divergence(head_logits(hidden), target_logits)
 
-    def checked_loss() -> float:
-        with torch.no_grad():
-            mine = [loss(index).item() for index in checked]
-        if progress is not None:
-            progress.update(len(mine))
-        return gather_mean(mine)
-
-    def batch_losses():
-        mine = itertools.count()
-        for owner in step_owners:
-            if progress is not None:
-                progress.update(1)
-            if owner != my_rank:
-                yield None  # another rank's batch: its gradients come from share
-                continue
-            yield loss(next(mine))
-
-    start = checked_loss()
-    owners = itertools.cycle(step_owners)
-    history = tune(
-        block.parameters(),
-        batch_losses,
-        epochs,
-        [learning_rate] * len(block.parameters()),
-        share=lambda parameters, value: share(parameters, value, next(owners)),
-        decaying=([True] * len(block.parameters()), len(step_owners)),
-    )
-    finite = all(bool(torch.isfinite(parameter).all()) for parameter in block.parameters())
-    final = checked_loss() if finite else math.nan
-    return start, final, history
+    return loss

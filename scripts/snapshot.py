@@ -53,6 +53,10 @@ CASES = {
     "llama_w3g32a": ("llama", _llama_w3(report_errors=True)),
     "llama_w3g32a_refit": ("llama", _llama_w3(**REFIT)),
     "llama_w3g32a_tuning": ("llama", _llama_w3(**TUNING)),
+    "llama_w3g32a_tuning_codes": ("llama", _llama_w3(**TUNING, block_tuning_code_learning_rate=0.002)),
+    "llama_w3g32a_end_to_end": (
+        "llama", _llama_w3(block_tuning_epochs=1, end_to_end_epochs=2, end_to_end_learning_rate=0.002)
+    ),
     "llama_w3g32a_auto": ("llama", _llama_w3(propagation_strength="auto", report_errors=True)),
     "llama_w3g32a_foem": ("llama", _llama_w3(first_order_strength=0.1)),
     "llama_w3g32a_sweep_scales": ("llama", _llama_w3(group_scales="sweep")),

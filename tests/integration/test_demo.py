@@ -5,7 +5,6 @@ import math
 import re
 from contextlib import redirect_stdout
 from io import StringIO
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from tests.models import VOCAB_SIZE, save_tiny_llama
 from qep_modifier import demo
 from qep_modifier.workflow import InputError
 
-from tests.models import REPO
 
 
 def test_bundled_text_is_there_and_long_enough():

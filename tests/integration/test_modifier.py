@@ -353,6 +353,33 @@ def test_memory_options_change_no_weight(tiny_llama, calibration, fields):
     assert recipe.error_report == reference_recipe.error_report
 
 
+@pytest.mark.parametrize("why", ["the MLP returns a new tensor", "the resumed output is not the whole one"])
+def test_propagation_runs_whole_where_it_cannot_be_resumed(tiny_llama, calibration, monkeypatch, why):
+    """The pipeline's propagation pass resumes from the last replay only where
+    batch 0 shows it is the same computation: the MLP returns its down_proj's
+    output as it is, and the resumed output equals the whole forward bit for
+    bit. Otherwise the pass runs whole, and the weights are those of QEP
+    without resumed replays."""
+    import qep_modifier.propagation as propagation
+    from transformers.models.llama import modeling_llama
+
+    if why == "the MLP returns a new tensor":
+        mlp_forward = modeling_llama.LlamaMLP.forward
+        monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: mlp_forward(self, x) * 1.0)
+    else:
+        monkeypatch.setattr(propagation, "same_output", lambda a, b: False)
+    whole = quantized_linears(quantize(tiny_llama, QEPModifier(resume_replays=False, **W3), calibration))
+    counts = _count_work(monkeypatch)
+    resumed = quantized_linears(quantize(tiny_llama, QEPModifier(**W3), calibration))
+    _assert_same_weights(whole, resumed)
+    # as in test_calibration_work_per_layer_and_batch's defaults, with batch 0's
+    # whole forward (7 per layer; then its resumed one, 1, where the MLP passed)
+    # and the pipeline's whole pass (7 per batch)
+    checked = 7 + (why == "the resumed output is not the whole one")
+    expected = 3 * (7 + 7 + checked) + NUM_SAMPLES * (2 * (7 + 6 + 7) + (4 + 6 + 7))
+    assert counts["linear"] == expected, counts
+
+
 def test_two_layers_per_subgraph_give_the_same_weights(tiny_llama, calibration):
     # the second layer of a subgraph gets its quantized-stream input from QEP's
     # own propagation through the first, exactly what the pipeline computes
@@ -402,27 +429,31 @@ def test_calibration_work_per_layer_and_batch(tiny_llama, calibration, monkeypat
     # layer's stops before gate: nothing reads its output or the MLP's), the
     # quantized-stream replays up to o (q k v), up to gate (o: q k v kept from
     # the replay before) and up to down (gate and up: q k v o kept; the
-    # attention itself recomputed), and the pipeline's propagation pass (7).
+    # attention itself recomputed), and the pipeline's propagation pass: down on
+    # its input kept from the last replay (1; q k v o kept, the attention
+    # recomputed), batch 0 also whole to check it (7 + 1 attention per layer).
     # The calibration pass computes its first batch only, and QEP traces each
     # layer once (7 + 7). Without kept outputs (resume_replays off) the replays
-    # recompute q k v twice and o once more; without the cached full-precision
-    # inputs the full-precision stream is replayed up to o and up to gate
-    # (3 + 4) and the last layer's pass is not run at all.
+    # recompute q k v twice and o once more and the propagation pass runs whole
+    # (7); without the cached full-precision inputs the full-precision stream is
+    # replayed up to o and up to gate (3 + 4) and the last layer's pass is not
+    # run at all.
     cases = {
-        "defaults": ({}, 3 + 1 + 2, 1 + 1 + 1, 0, 0),
-        "resume off": ({"resume_replays": False}, 3 + 4 + 6, 1 + 1 + 1, 0, 0),
-        "cache off": ({"cache_full_precision_inputs": False}, 3 + 1 + 2, 1 + 1 + 1, 3 + 4, 2),
+        "defaults": ({}, 3 + 1 + 2, 1 + 1 + 1, 0, 0, 1),
+        "resume off": ({"resume_replays": False}, 3 + 4 + 6, 1 + 1 + 1, 0, 0, 7),
+        "cache off": ({"cache_full_precision_inputs": False}, 3 + 1 + 2, 1 + 1 + 1, 3 + 4, 2, 1),
     }
-    for label, (fields, replays, replay_attention, fp_replays, fp_replay_attention) in cases.items():
+    for label, (fields, replays, replay_attention, fp_replays, fp_replay_attention, propagation) in cases.items():
         counts.update(linear=0, hessian=0, attention=0)
         quantize(tiny_llama, QEPModifier(**fields, **W3), calibration)
-        per_layer = 7 + 7  # the calibration pass's first batch, the trace
+        check = 7 if propagation == 1 else 0  # batch 0's whole forward beside the resumed one
+        per_layer = 7 + 7 + check  # the calibration pass's first batch, the trace
         last_fp = 0 if fields.get("cache_full_precision_inputs") is False else 4
         expected_linear = 3 * per_layer + NUM_SAMPLES * (
-            2 * (7 + replays + fp_replays + 7) + (last_fp + replays + fp_replays + 7)
+            2 * (7 + replays + fp_replays + propagation) + (last_fp + replays + fp_replays + propagation)
         )
         last_fp_attention = 0 if last_fp == 0 else 1
-        expected_attention = 3 * 2 + NUM_SAMPLES * (
+        expected_attention = 3 * (2 + check // 7) + NUM_SAMPLES * (
             2 * (1 + replay_attention + fp_replay_attention + 1)
             + (last_fp_attention + replay_attention + fp_replay_attention + 1)
         )

@@ -3,7 +3,6 @@ experts fall back to round-to-nearest, streams routed differently are not paired
 
 import re
 
-import pytest
 import torch
 from llmcompressor.modeling.moe.linearize import linearize_moe
 from transformers import AutoModelForCausalLM

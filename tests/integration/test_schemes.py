@@ -45,7 +45,7 @@ def test_scheme_saves_pack_quantized_and_reloads(model_dir, tmp_path, name):
 def test_tied_embeddings_stay_full_precision_when_lm_head_is_quantized(tmp_path):
     # SmolLM2 ties lm_head to the embedding; quantizing lm_head must not
     # quantize (or correct) the embedding through the shared weight
-    from tests.models import load_model, quantize, save_tiny_llama, token_dataset
+    from tests.models import load_model, quantize, token_dataset
 
     model_dir = save_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
     original = load_model(model_dir).model.embed_tokens.weight.detach().clone()

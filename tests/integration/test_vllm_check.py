@@ -10,7 +10,6 @@ import math
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qep_modifier.block_tuning import (
-    OffGrid, checked_batches, column_groups, dequantized_weight, grid_codes, keeps_tuning, latent_codes,
-    linear_decay, mean_loss, rounded_codes, tune,
+    OffGrid, TuningSteps, checked_batches, checked_tuning, column_groups, dequantized_weight, grid_codes, keeps_tuning,
+    latent_codes, linear_decay, mean_loss, rounded_codes, tune,
 )
 
 
@@ -215,11 +215,9 @@ def test_the_keep_decision_on_float64_losses():
     assert not keeps_tuning(0.5, 0.25, parameters_finite=False)
 
 
-@pytest.mark.parametrize("learning_rate, kept", [(0.02, True), (1.0, False), (1000.0, False)])
-def test_tuning_is_kept_only_when_it_lowers_the_mean_loss(learning_rate, kept):
-    """The closed-form channel problem in float64: at 0.02 Adam lowers the mean
-    loss (measured at fixed parameters before and after, as the modifier does);
-    at 1.0 it overshoots to a larger loss, at 1000 the scales overflow."""
+def _channel_problem():
+    """Four batches of the closed-form channel problem in float64: the grid's
+    weights at 1.3 times their scales produce the targets."""
     codes, scale, zero_point = _grid(rows=4, columns=16, groups=1)
     groups = column_groups(16, scale)
     generator = torch.Generator().manual_seed(0)
@@ -228,24 +226,80 @@ def test_tuning_is_kept_only_when_it_lowers_the_mean_loss(learning_rate, kept):
     targets = [x @ true_weight.T for x in inputs]
     gain = torch.zeros_like(scale, requires_grad=True)
 
-    def batch_losses():
-        for x, y in zip(inputs, targets):
-            weight = dequantized_weight(codes, scale * gain.exp(), zero_point, groups)
-            yield (x @ weight.T - y).pow(2).mean()
+    def loss(batch: int) -> torch.Tensor:
+        weight = dequantized_weight(codes, scale * gain.exp(), zero_point, groups)
+        return (inputs[batch] @ weight.T - targets[batch]).pow(2).mean()
 
-    def mean_at_fixed_parameters():
-        with torch.no_grad():
-            return mean_loss([loss.item() for loss in batch_losses()])
-
-    start = mean_at_fixed_parameters()
-    # float64 reference of the start: the grid at its own scales, by hand
     untuned = (codes - zero_point.double()) * scale
-    reference = sum(float((x @ untuned.T - y).pow(2).mean()) for x, y in zip(inputs, targets)) / 4
-    assert abs(start - reference) <= 1e-12 * reference
-    tune([gain], batch_losses, epochs=5, learning_rate=learning_rate)
-    finite = bool(torch.isfinite(gain).all())
-    final = mean_at_fixed_parameters() if finite else math.nan
-    assert keeps_tuning(start, final, finite) is kept, (start, final)
+    start = sum(float((x @ untuned.T - y).pow(2).mean()) for x, y in zip(inputs, targets)) / 4
+    return gain, loss, start
+
+
+def _one_process(steps: int) -> dict:
+    return dict(steps=TuningSteps([0] * steps, 0, list(range(steps))), share=lambda p, value, owner: value.item(),
+                gather=lambda mine: [mine])
+
+
+@pytest.mark.parametrize("learning_rate, kept", [(0.02, True), (1.0, False), (1000.0, False)])
+def test_tuning_is_kept_only_when_it_lowers_the_mean_loss(learning_rate, kept):
+    """The channel problem: at 0.02 Adam lowers the mean loss over the checked
+    batches (measured at fixed parameters before and after); at 1.0 it
+    overshoots to a larger loss, at 1000 the scales overflow (final loss nan)."""
+    gain, loss, reference_start = _channel_problem()
+    outcome = checked_tuning([gain], lambda: range(4), loss, 5, learning_rate, **_one_process(4))
+    assert abs(outcome.start_loss - reference_start) <= 1e-12 * reference_start
+    assert len(outcome.history) == 5
+    assert outcome.kept is kept, outcome
+    assert kept == (outcome.final_loss < outcome.start_loss)
+    if learning_rate == 1000.0:
+        assert not torch.isfinite(gain).all() and math.isnan(outcome.final_loss)
+
+
+def test_checked_tuning_checks_only_the_checked_batches():
+    gain, loss, _ = _channel_problem()
+    seen = []
+
+    def counted(batch):
+        seen.append(batch)
+        return loss(batch)
+
+    steps = TuningSteps([0] * 4, 0, [1, 3])
+    outcome = checked_tuning([gain], lambda: range(4), counted, 1, 0.02, steps, lambda p, v, o: v.item(), lambda m: [m])
+    assert seen == [1, 3, 0, 1, 2, 3, 1, 3]  # checked before, the epoch's steps, checked after
+    with torch.no_grad():
+        final = (loss(1).item() + loss(3).item()) / 2
+    assert abs(outcome.final_loss - final) <= 1e-12 * final
+
+
+def test_checked_tuning_on_two_ranks_is_one_process_on_both_shards():
+    """Rank 0 of two holds batches 0 and 1, rank 1 batches 2 and 3: with the
+    other rank's gradients and checked losses handed over (as share_step and
+    gather do), rank 0 ends bit for bit where one process ends on all four."""
+    gain, loss, _ = _channel_problem()
+    alone = checked_tuning([gain], lambda: range(4), loss, 3, 0.02, **_one_process(4))
+    alone_gain = gain.detach().clone()
+
+    gain, loss, _ = _channel_problem()
+    owners_seen = []
+
+    def share(parameters, value, owner):
+        owners_seen.append(owner)
+        if value is not None:
+            return value.item()
+        with torch.enable_grad():  # what rank 1 computed and sent: steps 2 and 3 are batches 2 and 3
+            value = loss((len(owners_seen) - 1) % 4)
+            value.backward()
+        return value.item()
+
+    def gather(mine):
+        with torch.no_grad():
+            return [mine, [loss(2).item(), loss(3).item()]]
+
+    steps = TuningSteps([0, 0, 1, 1], 0, [0, 1])
+    split = checked_tuning([gain], lambda: range(2), loss, 3, 0.02, steps, share, gather)
+    assert owners_seen == [0, 0, 1, 1] * 3
+    assert torch.equal(gain.detach(), alone_gain) and not torch.equal(alone_gain, torch.zeros_like(alone_gain))
+    assert split == alone and split.kept
 
 
 # ----------------------------------------------------------- moving the codes
