@@ -82,7 +82,6 @@ from qep_modifier.capture import (
     RecordedCalls,
     SkippedCalibration,
     first_tensor,
-    split_hidden,
 )
 from qep_modifier.distributed import (
     assign_owners,
@@ -261,7 +260,7 @@ class CalibrationRun:
         if subgraph.layers:
             last_layer = subgraph.layers[-1]
             self.skipped_input = (
-                split_hidden(*self.calls.fetch(last_layer, 1))[0]
+                self.calls.hidden(last_layer, 1)
                 if skipped[-1] and self.calls.num_batches(last_layer) > 1
                 else None
             )
@@ -300,9 +299,7 @@ class CalibrationRun:
         todo = [module for module in linears if module not in self.quantized]
         calls = partial(self._recorded_calls, layer)
         if self.strength.held_out is None and self.strength.any_auto:
-            self.strength.split(
-                split_hidden(*self.calls.fetch(layer, batch))[0] for batch in range(num_batches)
-            )
+            self.strength.split(self.calls.hidden(layer, batch) for batch in range(num_batches))
         with torch.no_grad(), disable_offloading():
             plan = self._plan_layer(layer, linears, todo, calls, quantized_hidden)
             streams = self._streams(layer, linears, todo, calls, quantized_hidden, plan)
@@ -326,9 +323,7 @@ class CalibrationRun:
     def _quantized_inputs(self, layer, quantized_hidden: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Each batch's quantized-stream input of ``layer`` (on ``stream_offload_device``)."""
         if quantized_hidden is None:
-            quantized_hidden = [
-                split_hidden(*self.calls.fetch(layer, batch))[0] for batch in range(self.calls.num_batches(layer))
-            ]
+            quantized_hidden = [self.calls.hidden(layer, batch) for batch in range(self.calls.num_batches(layer))]
         device = self.settings.stream_offload_device
         return [hidden.to(device) if device is not None else hidden for hidden in quantized_hidden]
 
@@ -423,7 +418,7 @@ class CalibrationRun:
         """
         if self.calls.num_batches(layer) == 0:
             return
-        hidden, _, _ = split_hidden(*self.calls.fetch(layer, 0))
+        hidden = self.calls.hidden(layer, 0)
         stream = self.full_precision_stream
         same_as_full_precision = (
             self.quantized
@@ -433,7 +428,7 @@ class CalibrationRun:
         )
         same_as_skipped = False
         if self.skipped_input is not None and self.calls.num_batches(layer) > 1:
-            second, _, _ = split_hidden(*self.calls.fetch(layer, 1))
+            second = self.calls.hidden(layer, 1)
             same_as_skipped = second.shape == self.skipped_input.shape and torch.equal(
                 second, self.skipped_input.to(second.device)
             )

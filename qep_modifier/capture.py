@@ -76,6 +76,10 @@ class RecordedCalls:
         call = self._calls[layer].fetch(batch)
         return call["args"], call["kwargs"]
 
+    def hidden(self, layer: torch.nn.Module, batch: int) -> torch.Tensor:
+        """Batch ``batch``'s hidden state in its call of ``layer``."""
+        return split_hidden(*self.fetch(layer, batch))[0]
+
     def drop(self, layer: torch.nn.Module) -> None:
         self._calls.pop(layer, None)
 
