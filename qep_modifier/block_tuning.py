@@ -332,12 +332,13 @@ def mean_loss(losses: Sequence[float]) -> float:
     return math.fsum(losses) / len(losses) if losses else math.nan
 
 
-def keeps_tuning(start_loss: float, final_loss: float, parameters_finite: bool = True) -> bool:
+def keeps_tuning(start_loss: float, final_loss: float) -> bool:
     """Whether a tuned block keeps its tuning: its final loss is finite and below
-    its loss before any step, and the tuned parameters are finite. Otherwise it
-    keeps its untuned scales and norm weights (a learning rate too large for the
-    block diverges, and a ``nan`` loss compares below nothing)."""
-    return parameters_finite and math.isfinite(final_loss) and final_loss < start_loss
+    its loss before any step (:class:`TuningOutcome` makes it ``nan`` where a tuned
+    parameter ended not finite). Otherwise it keeps its untuned scales and norm
+    weights (a learning rate too large for the block diverges, and a ``nan`` loss
+    compares below nothing)."""
+    return math.isfinite(final_loss) and final_loss < start_loss
 
 
 def gained(forward, gain: torch.Tensor, *args, **kwargs):

@@ -80,8 +80,6 @@ from qep_modifier.capture import (
     linear_with,
     LayerStreams,
     RecordedCalls,
-    SkippedCalibration,
-    first_tensor,
 )
 from qep_modifier.distributed import (
     assign_owners,
@@ -94,8 +92,9 @@ from qep_modifier.distributed import (
     share_step,
     shared,
 )
+from qep_modifier.layer_forwards import PropagatedOutputs, SkippedCalibration, first_tensor
 from qep_modifier.plan import Group, LayerPlan, TraceCall, expert_role, plan_layer, plan_subgraph
-from qep_modifier.propagation import PropagatedOutputs, last_linear
+from qep_modifier.propagation import last_linear
 from qep_modifier.quantize import GroupQuantizer, QuantizeOutcome
 from qep_modifier.reports import ErrorReport, ProblemLog
 from qep_modifier.statistics import LinearStatistics, accumulate_batch

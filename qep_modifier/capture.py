@@ -15,13 +15,15 @@ other modifier of the recipe sees a stream twice, and temporary swaps of
 
 When nothing but QEP reads the pipeline's calibration pass (the pipeline
 throws its output away and recomputes it after quantization),
-:class:`SkippedCalibration` lets a layer compute only its first calibration
-batch there; later batches return their input in the first output's place.
+:class:`~qep_modifier.layer_forwards.SkippedCalibration` lets a layer compute
+only its first calibration batch there; later batches return their input in
+the first output's place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
@@ -32,18 +34,17 @@ from compressed_tensors.utils import patch_attr
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.pipelines.cache import IntermediatesCache
 
+from qep_modifier.layer_forwards import first_tensor, replace_hidden, split_hidden
 from qep_modifier.plan import CallRef, Group, LayerPlan, TraceCall
-from qep_modifier.propagation import LastLinear, resumed_outputs
+from qep_modifier.propagation import LastLinear, last_linear, resumed_outputs, same_output
 
 __all__ = [
     "LayerPass",
     "LayerStreams",
     "RecordedCalls",
     "ReplayOutputs",
-    "SkippedCalibration",
-    "first_tensor",
-    "replace_hidden",
-    "split_hidden",
+    "LayerProbe",
+    "probe_layer",
 ]
 
 
@@ -87,55 +88,6 @@ class RecordedCalls:
         self._calls.clear()
 
 
-class SkippedCalibration:
-    """Layers that compute only their first batch in the pipeline's calibration pass.
-
-    The first call runs the real forward (its output shows the structure to
-    return); later calls return their input hidden state in the hidden state's
-    place. Only for layers whose calibration output nobody reads.
-    """
-
-    def __init__(self):
-        self._patches: dict[torch.nn.Module, contextlib.ExitStack] = {}
-
-    def install(self, layer: torch.nn.Module) -> None:
-        first_output: list[Any] = []
-        stack = contextlib.ExitStack()
-        stack.enter_context(
-            patch_attr(
-                layer,
-                "forward",
-                functools.partial(_first_batch_only, layer.forward, first_output),
-            )
-        )
-        self._patches[layer] = stack
-
-    def remove(self, layer: torch.nn.Module) -> bool:
-        """Restore ``layer``'s forward; whether it was skipping."""
-        stack = self._patches.pop(layer, None)
-        if stack is not None:
-            stack.close()
-        return stack is not None
-
-    def remove_all(self) -> None:
-        for layer in list(self._patches):
-            self.remove(layer)
-
-
-def _first_batch_only(forward: Callable, first_output: list, *args, **kwargs):
-    if not first_output:
-        output = forward(*args, **kwargs)
-        first_output.append(output)
-        return output
-    hidden, _, _ = split_hidden(args, kwargs)
-    template = first_output[0]
-    if isinstance(template, torch.Tensor):
-        return hidden
-    if isinstance(template, tuple):
-        return (hidden, *template[1:])
-    return forward(*args, **kwargs)  # an output structure we cannot fill in
-
-
 class _Stop(Exception):
     """Raised from a pre-hook: the pass has what it needs from this forward."""
 
@@ -147,10 +99,14 @@ class ReplayOutputs:
     every submodule of the layer that finished before that stop, and that ran
     only Linears already quantized (``final``), would compute the same output
     again. Kept per batch: the outermost such modules that contain a target
-    Linear and return a single tensor (q/k/v while o's group is calibrated,
-    q/k/v/o while the MLP's are, and after the last replay for the
-    propagation pass, :mod:`qep_modifier.propagation`). A kept output written
-    in place after it was kept is dropped (it is recomputed instead).
+    Linear and return a single tensor, or a tuple led by one when the layer
+    reads only that (``first_only``: an attention block, which under the
+    toolkit's eager attention returns its probabilities beside its output,
+    heads x tokens / width times its size, is kept as ``(output, None)``). So
+    q/k/v are kept while o's group is calibrated, the attention block while
+    the MLP's are and after the last replay for the propagation pass
+    (:mod:`qep_modifier.propagation`). A kept output written in place after it
+    was kept is dropped (it is recomputed instead).
     """
 
     def __init__(
@@ -177,8 +133,21 @@ class ReplayOutputs:
         }
         self._names = names
         self.offload_device = offload_device
+        # candidates whose tuple output is kept as its first element alone
+        # (:func:`probe_layer`); None until probed
+        self.first_only: set[torch.nn.Module] | None = None
         # batch -> module -> [(output, versions)] per call, in call order
         self.kept: dict[int, dict[torch.nn.Module, list[tuple[Any, list[int]]]]] = {}
+
+    def keepable(self, module: torch.nn.Module, output: Any) -> Any | None:
+        """What is kept of ``module``'s output: a single tensor as it is, a tuple
+        led by a tensor as ``(tensor, None, ...)`` for a ``first_only`` module,
+        else nothing (``None``)."""
+        if isinstance(output, torch.Tensor):
+            return output
+        if self.first_only and module in self.first_only and _led_by_tensor(output):
+            return _first_only(output)
+        return None
 
     def outermost(self, outputs: Mapping[torch.nn.Module, list]) -> dict:
         """The entries of ``outputs`` no ancestor of which is there too."""
@@ -333,16 +302,9 @@ class LayerPass:
 
     def _module_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         opened, unfinished = self._open.pop()
-        # single tensors only: an attention block returns its probabilities beside
-        # its output (heads x tokens / width times its size; the toolkit calibrates
-        # under eager attention); its kept q, k, v and o let it recompute only the
-        # attention itself
-        if (
-            opened is module
-            and unfinished == self._unfinished_linears
-            and isinstance(output, torch.Tensor)
-        ):
-            kept = send_tensors(output, self.offload_device) if self.offload_device else output
+        kept = self.replay.keepable(module, output)
+        if opened is module and unfinished == self._unfinished_linears and kept is not None:
+            kept = send_tensors(kept, self.offload_device) if self.offload_device else kept
             entry = (kept, [tensor._version for tensor in _tensors(kept)])
             self._finished.setdefault(module, []).append(entry)
 
@@ -402,7 +364,7 @@ class LayerStreams:
     :param plan: the layer's plan; ``final``: Linears of the layer already
         quantized before it
     :param last: the last group's Linear, whose inputs the last replay keeps
-        (with q, k, v, o's outputs) for :meth:`outputs` (``None``: it keeps
+        (with the attention block's output) for :meth:`outputs` (``None``: it keeps
         nothing; needs ``resume``)
     """
 
@@ -433,6 +395,9 @@ class LayerStreams:
         self.offload_device = offload_device
         self.replay = ReplayOutputs(layer, linears, offload_device) if resume else None
         self.last = last if resume else None
+        # group number -> (its one Linear, how its module returns its output)
+        # for the next replay to resume from (:meth:`_probe`)
+        self._resumable: dict[int, tuple[LastLinear, int]] = {}
         self._original_weights: dict[torch.nn.Module, torch.Tensor] = {}
         self._kept_inputs: list[Inputs] = []  # later paired groups' X, per batch
         self._next_stream: list[torch.Tensor] = []
@@ -442,8 +407,15 @@ class LayerStreams:
     def inputs(self, group: Group) -> Iterator[tuple[Inputs, Inputs | None]]:
         """Each batch's ``(X~, X)`` of ``group``'s members, call by call (``X`` is
         ``None`` for a group that needs no full-precision stream)."""
+        if self.replay is not None and self.replay.first_only is None:
+            self._probe()
         is_last = group is self.plan.groups[-1]
         keeps_last = is_last and self.last is not None
+        number = self.plan.groups.index(group)
+        # the previous group's one Linear, whose kept input stands in for its
+        # module's output; this group's, whose input is kept for the next
+        resumes_from = self._resumable.pop(number - 1, None)
+        kept_for_next = self._resumable.get(number)
         with contextlib.ExitStack() as stack:
             up_to_group = functools.partial(
                 LayerPass, self.owner, self.layer, self.linears,
@@ -469,13 +441,23 @@ class LayerStreams:
                     x = full_replay.run(*next(full_precision_calls))[0]
                 elif group.paired:
                     x = self._kept_inputs[batch]
+                if resumes_from is not None:
+                    self._resume_from(resumes_from, batch)
                 captured, _ = quantized.run(batch, args, kwargs, hidden)
+                if kept_for_next is not None:
+                    last, _ = kept_for_next
+                    if not last.keep(batch, captured.get(last.linear, [])):
+                        last.inputs.clear()  # called twice: the next replay computes it
+                        self._resumable.pop(number, None)
+                        kept_for_next = None
                 if keeps_last:
-                    keeps_last = self._keep_last(batch, captured)
+                    keeps_last = quantized.keep_outputs = self._keep_last(batch, captured)
                 yield group.inputs(captured), group.inputs(x) if group.paired else None
                 if self.cache_full_precision and group.paired:
                     for module in group.modules:  # read once: free it
                         self._kept_inputs[batch].pop(module, None)
+            if resumes_from is not None:
+                resumes_from[0].inputs.clear()
             self._passed = True
 
     def quantizing(self, group: Group) -> None:
@@ -537,6 +519,39 @@ class LayerStreams:
         return functools.partial(self._batches, self._quantized_hidden)
 
     # -------------------------------------------------------------- helpers
+    def _probe(self) -> None:
+        """Batch 0's call through the layer, twice (:func:`probe_layer`): which
+        modules the replays may keep as their tuple output's first element, and
+        which earlier groups' one Linear the next replay may resume from (its
+        kept input standing for the module that returns its output: o_proj's
+        for the attention block)."""
+        self.replay.first_only = set()
+        call = next(self._batches(self._quantized_hidden), None)
+        lasts = {number: last_linear(self.layer, group.modules) for number, group in enumerate(self.plan.groups[:-1])}
+        lasts = {number: last for number, last in lasts.items() if last is not None}
+        if call is None:
+            return
+        with LayerPass(self.owner, self.layer, self.linears) as plain:
+            probe = probe_layer(lambda: plain.run(*call)[1], self.replay.candidates, lasts.values())
+        self.replay.first_only = set(probe.first_only)
+        self._resumable = {
+            number: (last, probe.returning[last]) for number, last in lasts.items() if last in probe.returning
+        }
+
+    def _resume_from(self, resumable: tuple[LastLinear, int], batch: int) -> None:
+        """Hand the replay on ``batch`` the output of the module that returns
+        ``last.linear``'s (quantized since it was kept): the Linear on its kept
+        input, first in a tuple where the module returns one."""
+        last, length = resumable
+        output = last.output(batch, last.linear.weight.device)
+        if output is None:  # none kept, or written since: computed
+            return
+        value = output if length == 0 else (output, *(None,) * (length - 1))
+        kept = self.replay.kept.setdefault(batch, {})
+        for module in [m for m in kept if m in last.inside]:
+            del kept[module]
+        kept[last.returned_by] = [(value, [output._version])]
+
     def _keep_last(self, batch: int, captured: Inputs) -> bool:
         """Keep the last replay's input of ``last`` on ``batch``, and its kept
         outputs but those inside the module that returns ``last``'s output (which
@@ -598,37 +613,85 @@ class LayerStreams:
         return captured
 
 
-def split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
-    """Separate a layer call's hidden state from its other arguments."""
-    if args:
-        return args[0], tuple(args[1:]), dict(kwargs)
-    if "hidden_states" in kwargs:
-        rest = dict(kwargs)
-        return rest.pop("hidden_states"), (), rest
-    raise ValueError(
-        "QEP: a sequential target was called without a positional hidden state or "
-        "a `hidden_states` keyword; QEP cannot find its input"
+@dataclasses.dataclass(frozen=True)
+class LayerProbe:
+    """What one call of a layer, run twice, shows about resuming it.
+
+    :param first_only: the candidates that return a tuple led by a tensor
+        (with something beside it) of which the layer reads only that tensor
+    :param returning: the :class:`~qep_modifier.propagation.LastLinear` s whose
+        module returns the Linear's output object as it is, each called once:
+        ``last -> 0`` where it returns it alone, ``-> n`` where it is the first
+        of a ``first_only`` n-tuple
+    """
+
+    first_only: frozenset
+    returning: dict
+
+
+def probe_layer(
+    layer_output: Callable[[], Any],
+    candidates: Collection[torch.nn.Module],
+    lasts: Collection[LastLinear] = (),
+) -> LayerProbe:
+    """:class:`LayerProbe` of ``layer_output()`` (runs the layer on one call and
+    returns its output). It runs once, and once more with the tuple-returning
+    candidates returning ``(tensor, None, ...)``: they are all ``first_only``
+    when the two outputs are bit-equal, none otherwise (a layer that reads an
+    attention block's probabilities computes something else, or fails on the
+    ``None``)."""
+    tuples: set[torch.nn.Module] = set()
+    outputs: dict[torch.nn.Module, list] = {}
+
+    def record(module, args, output):
+        if module in candidates and _led_by_tensor(output) and any(item is not None for item in output[1:]):
+            tuples.add(module)
+        outputs.setdefault(module, []).append(output)
+
+    def strip(module, args, output):
+        return _first_only(output) if _led_by_tensor(output) else output
+
+    watched = {*candidates, *(last.linear for last in lasts), *(last.returned_by for last in lasts)}
+    whole = _with_forward_hook(watched, record, layer_output)
+    first_only: set[torch.nn.Module] = set()
+    if tuples:
+        try:
+            if same_output(whole, _with_forward_hook(tuples, strip, layer_output)):
+                first_only = tuples
+        except Exception:  # it reads what was dropped
+            pass
+
+    def returned_as(last: LastLinear) -> int | None:
+        linear, returned = outputs.get(last.linear, []), outputs.get(last.returned_by, [])
+        if len(linear) != 1 or len(returned) != 1:
+            return None
+        if returned[0] is linear[0]:
+            return 0
+        if last.returned_by in first_only and returned[0][0] is linear[0]:
+            return len(returned[0])
+        return None
+
+    returning = {last: returned_as(last) for last in lasts}
+    return LayerProbe(
+        frozenset(first_only), {last: length for last, length in returning.items() if length is not None}
     )
 
 
-def replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    """The same call with ``hidden`` as its hidden state."""
-    if args:
-        return (hidden, *args[1:]), dict(kwargs)
-    split_hidden(args, kwargs)  # raises if there is none
-    return (), {**kwargs, "hidden_states": hidden}
+def _with_forward_hook(modules: Collection[torch.nn.Module], hook: Callable, run: Callable[[], Any]) -> Any:
+    handles = [module.register_forward_hook(hook) for module in modules]
+    try:
+        return run()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def first_tensor(output: Any) -> torch.Tensor:
-    """A layer output's hidden state: the tensor, or a tuple's first element."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(
-        f"QEP: a sequential target returned {type(output).__name__}; expected a "
-        "tensor or a tuple whose first element is the hidden state"
-    )
+def _led_by_tensor(output: Any) -> bool:
+    return isinstance(output, tuple) and len(output) > 1 and isinstance(output[0], torch.Tensor)
+
+
+def _first_only(output: tuple) -> tuple:
+    return (output[0], *(None,) * (len(output) - 1))
 
 
 def _private_copy(tensor: torch.Tensor, device) -> torch.Tensor:

@@ -198,12 +198,13 @@ class QEPModifier(GPTQModifier):
         them with each group's replay. Results are the same either way.
     :param resume_replays: each group's replay of the quantized stream resumes
         where the previous one stopped: submodules that finished there (q/k/v,
-        then o too) return their kept outputs (up to about three activation
-        caches while a layer is calibrated); and, where the layer is not block
-        tuned, the pipeline's propagation pass resumes from the last replay
-        (q/k/v/o's outputs and down_proj's input kept: intermediate / hidden
-        size more caches, 2.7 on SmolLM2), so it costs one product instead of
-        all of the layer's (:mod:`qep_modifier.propagation`). Results are the same.
+        then the attention block, its output given by o on o's kept input)
+        return their kept outputs (up to about three activation caches while a
+        layer is calibrated); and, where the layer is not block tuned, the
+        pipeline's propagation pass resumes from the last replay (the attention
+        block's output and down_proj's input kept: intermediate / hidden size
+        more caches, 2.7 on SmolLM2), so it costs one product instead of all of
+        the layer's (:mod:`qep_modifier.propagation`). Results are the same.
     :param report_errors: after calibration, ``error_report`` lists for every
         module the relative output error ``||W X - V X~|| / ||W X||`` of the
         original weight, the corrected weight and the quantized weight (costs

@@ -4,12 +4,14 @@ After a subgraph is calibrated, llm-compressor's sequential pipeline runs each
 of its layers once more on every batch, hooks off, to get the quantized
 layer's output for the next subgraph: all of the layer's Linears again. By then
 QEP's last replay (the one up to the last group's input, e.g. ``down_proj``'s)
-has computed everything before that input with the final weights: it keeps q,
-k, v and o's outputs and the last Linear's input. So the layer's output costs
-one product: the last Linear on its kept input stands for the module that
-returns it (the MLP), and the layer runs with that and q, k, v, o kept (its
-attention, norms and residual adds recomputed). :class:`PropagatedOutputs` then
-hands the pipeline those outputs in place of its forward.
+has computed everything before that input with the final weights: it keeps the
+attention block's output (or q, k, v and o's, where the layer reads more of the
+attention block than its output) and the last Linear's input. So the layer's
+output costs one product: the last Linear on its kept input stands for the
+module that returns it (the MLP), and the layer runs with that and the kept
+outputs (its norms and residual adds recomputed).
+:class:`~qep_modifier.layer_forwards.PropagatedOutputs` then hands the pipeline
+those outputs in place of its forward.
 
 Only where it is the same computation: a last group of one Linear called once
 per batch, inside a module (not the layer itself) that returns that Linear's
@@ -22,17 +24,14 @@ the real forward, and so does every later one.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
 from compressed_tensors.offload.utils import send_tensors
-from compressed_tensors.utils import patch_attr
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-__all__ = ["LastLinear", "PropagatedOutputs", "last_linear", "resumed_outputs", "same_output"]
+__all__ = ["LastLinear", "last_linear", "resumed_outputs", "same_output"]
 
 
 class LastLinear:
@@ -139,42 +138,5 @@ def resumed_outputs(
     return outputs
 
 
-class PropagatedOutputs:
-    """Layers whose next forwards hand back outputs computed already (the
-    pipeline's propagation pass), one per expected call, each only when the
-    call's hidden state is the expected one; after the last, or at the first
-    call out of step, the layer computes for real again."""
 
-    def __init__(self):
-        self._patches: dict[torch.nn.Module, contextlib.ExitStack] = {}
-
-    def install(self, layer: torch.nn.Module, hidden_states: list[torch.Tensor], outputs: list[Any]) -> None:
-        if not outputs:
-            return
-        stack = contextlib.ExitStack()
-        expected = list(zip(hidden_states, outputs))
-        stack.enter_context(
-            patch_attr(layer, "forward", functools.partial(self._forward, layer, layer.forward, expected))
-        )
-        self._patches[layer] = stack
-
-    def _forward(self, layer, forward, expected: list, *args, **kwargs):
-        hidden = args[0] if args else kwargs.get("hidden_states")  # as capture.split_hidden finds it
-        if expected and isinstance(hidden, torch.Tensor):
-            want, output = expected[0]
-            if want.shape == hidden.shape and torch.equal(want.to(hidden.device), hidden):
-                expected.pop(0)
-                if not expected:
-                    self.remove(layer)
-                return send_tensors(output, hidden.device)
-        self.remove(layer)
-        return forward(*args, **kwargs)
-
-    def remove(self, layer: torch.nn.Module) -> None:
-        stack = self._patches.pop(layer, None)
-        if stack is not None:
-            stack.close()
-
-    def remove_all(self) -> None:
-        for layer in list(self._patches):
-            self.remove(layer)
+#END

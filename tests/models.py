@@ -290,3 +290,23 @@ def assert_reloads_packed(model, folder: Path, input_ids: torch.Tensor) -> None:
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
     torch.testing.assert_close(logits(load_model(folder), input_ids), expected, rtol=1e-4, atol=1e-4)
+
+
+class ToyMlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class ToyMlpLayer(torch.nn.Module):
+    """A residual MLP of width 4 (``out``: a Linear of the layer itself, unused by forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp, self.out = ToyMlp(), torch.nn.Linear(4, 4)
+
+    def forward(self, hidden_states):
+        return hidden_states + self.mlp(hidden_states)

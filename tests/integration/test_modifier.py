@@ -427,35 +427,40 @@ def test_calibration_work_per_layer_and_batch(tiny_llama, calibration, monkeypat
 
     # QEP per layer and batch: the full-precision pass (7 products; the last
     # layer's stops before gate: nothing reads its output or the MLP's), the
-    # quantized-stream replays up to o (q k v), up to gate (o: q k v kept from
-    # the replay before) and up to down (gate and up: q k v o kept; the
-    # attention itself recomputed), and the pipeline's propagation pass: down on
-    # its input kept from the last replay (1; q k v o kept, the attention
-    # recomputed), batch 0 also whole to check it (7 + 1 attention per layer).
-    # The calibration pass computes its first batch only, and QEP traces each
-    # layer once (7 + 7). Without kept outputs (resume_replays off) the replays
-    # recompute q k v twice and o once more and the propagation pass runs whole
-    # (7); without the cached full-precision inputs the full-precision stream is
-    # replayed up to o and up to gate (3 + 4) and the last layer's pass is not
-    # run at all.
+    # quantized-stream replays up to o (q k v), up to gate (o on its input kept
+    # from the replay before stands for the attention block, its probabilities
+    # dropped) and up to down (gate and up: the attention block kept whole), and
+    # the pipeline's propagation pass:
+    # down on its input kept from the last replay (1; the attention block kept),
+    # batch 0 also whole to check it (7 + 1 attention per layer). Per layer, two
+    # whole forwards of batch 0 check that the layer reads only the attention
+    # block's output (14 + 2), the calibration pass computes its first batch
+    # only, and QEP traces each layer once (7 + 7). Without kept outputs
+    # (resume_replays off) the replays recompute q k v twice and o once more,
+    # the attention every time, and the propagation pass runs whole (7); without
+    # the cached full-precision inputs the full-precision stream is replayed up
+    # to o and up to gate (3 + 4) and the last layer's pass is not run at all.
     cases = {
-        "defaults": ({}, 3 + 1 + 2, 1 + 1 + 1, 0, 0, 1),
-        "resume off": ({"resume_replays": False}, 3 + 4 + 6, 1 + 1 + 1, 0, 0, 7),
-        "cache off": ({"cache_full_precision_inputs": False}, 3 + 1 + 2, 1 + 1 + 1, 3 + 4, 2, 1),
+        "defaults": ({}, 3 + 1 + 2, 1 + 0 + 0, 0, 0, 1, 0),
+        "resume off": ({"resume_replays": False}, 3 + 4 + 6, 1 + 1 + 1, 0, 0, 7, 1),
+        "cache off": ({"cache_full_precision_inputs": False}, 3 + 1 + 2, 1 + 0 + 0, 3 + 4, 2, 1, 0),
     }
-    for label, (fields, replays, replay_attention, fp_replays, fp_replay_attention, propagation) in cases.items():
+    for label, case in cases.items():
+        fields, replays, replay_attention, fp_replays, fp_replay_attention, propagation, propagation_attention = case
         counts.update(linear=0, hessian=0, attention=0)
         quantize(tiny_llama, QEPModifier(**fields, **W3), calibration)
+        resumed = fields.get("resume_replays", True)
         check = 7 if propagation == 1 else 0  # batch 0's whole forward beside the resumed one
-        per_layer = 7 + 7 + check  # the calibration pass's first batch, the trace
+        first_only_check = 14 if resumed else 0  # batch 0 with and without the probabilities
+        per_layer = 7 + 7 + check + first_only_check  # the calibration pass's first batch, the trace
         last_fp = 0 if fields.get("cache_full_precision_inputs") is False else 4
         expected_linear = 3 * per_layer + NUM_SAMPLES * (
             2 * (7 + replays + fp_replays + propagation) + (last_fp + replays + fp_replays + propagation)
         )
         last_fp_attention = 0 if last_fp == 0 else 1
-        expected_attention = 3 * (2 + check // 7) + NUM_SAMPLES * (
-            2 * (1 + replay_attention + fp_replay_attention + 1)
-            + (last_fp_attention + replay_attention + fp_replay_attention + 1)
+        expected_attention = 3 * (2 + (check + first_only_check) // 7) + NUM_SAMPLES * (
+            2 * (1 + replay_attention + fp_replay_attention + propagation_attention)
+            + (last_fp_attention + replay_attention + fp_replay_attention + propagation_attention)
         )
         assert counts["linear"] == expected_linear, (label, counts)
         assert counts["attention"] == expected_attention, (label, counts)

@@ -212,7 +212,6 @@ def test_the_keep_decision_on_float64_losses():
     assert not keeps_tuning(0.5, 0.75)
     assert not keeps_tuning(0.5, math.nan) and not keeps_tuning(0.5, math.inf)
     assert not keeps_tuning(math.nan, 0.25)  # no start to compare with
-    assert not keeps_tuning(0.5, 0.25, parameters_finite=False)
 
 
 def _channel_problem():

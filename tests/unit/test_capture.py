@@ -1,5 +1,5 @@
 """Stream capture on a toy decoder layer: recording, traced passes, early stops,
-resumed replays, silenced hooks and skipped calibration batches (no oneshot)."""
+resumed replays, silenced hooks and both streams group by group (no oneshot)."""
 
 import functools
 
@@ -7,55 +7,65 @@ import pytest
 import torch
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-from qep_modifier.capture import (
-    LayerPass,
-    RecordedCalls,
-    ReplayOutputs,
-    SkippedCalibration,
-    first_tensor,
-    replace_hidden,
-    split_hidden,
-)
+from qep_modifier.capture import LayerPass, RecordedCalls, ReplayOutputs, probe_layer
+from qep_modifier.layer_forwards import SkippedCalibration
+from qep_modifier.propagation import last_linear
 
 WIDTH = 8
 
 
 class ToyAttention(torch.nn.Module):
-    def __init__(self):
+    """With ``probabilities``, returns ``(output, probabilities)`` as a
+    transformers attention block does under eager attention."""
+
+    def __init__(self, probabilities=False):
         super().__init__()
         self.q, self.k, self.v, self.o = (torch.nn.Linear(WIDTH, WIDTH) for _ in range(4))
+        self.probabilities, self.calls = probabilities, 0
 
     def forward(self, x):
-        return self.o(torch.tanh(self.q(x) * self.k(x)) + self.v(x))
+        self.calls += 1  # a kept output returned in its place does not count
+        weights = torch.tanh(self.q(x) * self.k(x))
+        output = self.o(weights + self.v(x))
+        return (output, weights) if self.probabilities else output
 
 
 class ToyMLP(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, down_twice=False):
         super().__init__()
         self.gate, self.up = torch.nn.Linear(WIDTH, 16), torch.nn.Linear(WIDTH, 16)
         self.down = torch.nn.Linear(16, WIDTH)
+        self.down_twice = down_twice
 
     def forward(self, x):
-        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+        inner = torch.nn.functional.silu(self.gate(x)) * self.up(x)
+        return self.down(inner) + self.down(0.5 * inner) if self.down_twice else self.down(inner)
 
 
 class ToyLayer(torch.nn.Module):
     """norm -> attention -> residual -> norm -> MLP -> residual."""
 
-    def __init__(self, in_place=False):
+    def __init__(self, in_place=False, probabilities=False, reads_probabilities=None, down_twice=False):
+        """``reads_probabilities``: ``"adds"`` them to the attention output,
+        ``"returns"`` them beside the layer's output."""
         super().__init__()
         self.norm1, self.norm2 = torch.nn.LayerNorm(WIDTH), torch.nn.LayerNorm(WIDTH)
-        self.attn, self.mlp = ToyAttention(), ToyMLP()
-        self.in_place = in_place
+        self.attn, self.mlp = ToyAttention(probabilities), ToyMLP(down_twice)
+        self.in_place, self.reads_probabilities = in_place, reads_probabilities
 
     def forward(self, hidden, scale=1.0):
-        attended = self.attn(self.norm1(hidden))
+        attended, weights = self.attn(self.norm1(hidden)), None
+        if isinstance(attended, tuple):
+            attended, weights = attended
+            if self.reads_probabilities == "adds":
+                attended = attended + weights
         if self.in_place:
             attended.add_(hidden)  # writes the attention block's output in place
             h = attended
         else:
             h = hidden + attended
-        return h + scale * self.mlp(self.norm2(h))
+        output = h + scale * self.mlp(self.norm2(h))
+        return (output, weights) if self.reads_probabilities == "returns" else output
 
 
 def _layer(seed=0, **kwargs):
@@ -170,6 +180,15 @@ def _replays(layer, replay, hidden):
     return [[{names[m]: inputs for m, inputs in batch.items()} for batch in step] for step in captured]
 
 
+def _assert_same_inputs(got_steps, expected_steps):
+    """Every replay's inputs, batch by batch and Linear by Linear, bit for bit."""
+    assert len(got_steps) == len(expected_steps)
+    for got, expected in zip(got_steps, expected_steps):
+        for batch_got, batch_expected in zip(got, expected, strict=True):
+            assert batch_got.keys() == batch_expected.keys()
+            for name in batch_expected:
+                assert torch.equal(batch_got[name][0], batch_expected[name][0])
+
 def test_replays_resume_from_the_submodules_the_previous_one_finished(computed):
     hidden = [torch.randn(1, 3, WIDTH) for _ in range(2)]
     unresumed = _layer()  # kept alive: products are counted by weight address
@@ -177,11 +196,7 @@ def test_replays_resume_from_the_submodules_the_previous_one_finished(computed):
     layer = _layer()
     replay = ReplayOutputs(layer, _linears(layer), "cpu")
     resumed = _replays(layer, replay, hidden)
-    for got, expected in zip(resumed, fresh):
-        for batch_got, batch_expected in zip(got, expected):
-            assert batch_got.keys() == batch_expected.keys()
-            for name in batch_expected:
-                assert torch.equal(batch_got[name][0], batch_expected[name][0])
+    _assert_same_inputs(resumed, fresh)
     q, k, v, o, gate, up, down = _linears(layer)
     # q k v computed once per batch (replay for o), o once (for gate/up: q k v
     # kept), gate and up once (for down: q k v o kept)
@@ -213,6 +228,51 @@ def test_a_final_linear_is_not_kept_while_a_later_group_computes_inside_its_pare
     assert set(replay.kept[0]) == {q}
 
 
+def test_the_probe_finds_the_tuples_the_layer_reads_the_first_of():
+    hidden = torch.randn(1, 3, WIDTH)
+
+    def first_only(**kwargs):
+        layer = _layer(**kwargs)
+        with torch.no_grad():
+            return probe_layer(lambda: layer(hidden), list(layer.modules())[1:]).first_only, layer
+
+    ignored, layer = first_only(probabilities=True)
+    assert ignored == {layer.attn}
+    assert first_only(probabilities=True, reads_probabilities="adds")[0] == set()  # fails on a None
+    assert first_only(probabilities=True, reads_probabilities="returns")[0] == set()  # another output
+    assert first_only()[0] == set()  # nothing returns a tuple
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_the_probe_finds_the_modules_that_return_a_linears_output_as_it_is(probabilities):
+    layer, hidden = _layer(probabilities=probabilities), torch.randn(1, 3, WIDTH)
+    o, down = last_linear(layer, [layer.attn.o]), last_linear(layer, [layer.mlp.down])
+    with torch.no_grad():
+        probe = probe_layer(lambda: layer(hidden), list(layer.modules())[1:], [o, down])
+    # the attention block returns o's output (first of two with its probabilities)
+    assert probe.returning == {o: 2 if probabilities else 0, down: 0}
+    twice = _layer(down_twice=True)
+    down = last_linear(twice, [twice.mlp.down])
+    with torch.no_grad():
+        assert probe_layer(lambda: twice(hidden), list(twice.modules())[1:], [down]).returning == {}
+
+
+@pytest.mark.parametrize("reads_probabilities", [None, "adds", "returns"])
+def test_an_attention_block_is_kept_without_its_probabilities_only_where_the_layer_ignores_them(reads_probabilities):
+    hidden = [torch.randn(1, 3, WIDTH) for _ in range(2)]
+    fresh = _replays(_layer(probabilities=True, reads_probabilities=reads_probabilities), None, hidden)
+    layer = _layer(probabilities=True, reads_probabilities=reads_probabilities)
+    replay = ReplayOutputs(layer, _linears(layer), "cpu")
+    with torch.no_grad():
+        replay.first_only = set(probe_layer(lambda: layer(hidden[0]), replay.candidates).first_only)
+    layer.attn.calls = 0
+    resumed = _replays(layer, replay, hidden)
+    _assert_same_inputs(resumed, fresh)
+    # per batch: computed for o and for gate/up; for down only where its
+    # probabilities matter (else kept whole from gate/up's replay)
+    assert layer.attn.calls == 2 * (3 if reads_probabilities else 2)
+
+
 def test_weights_override_computes_with_the_given_weight():
     layer = _layer()
     q, k, v, o, gate, up, down = _linears(layer)
@@ -240,38 +300,6 @@ def test_skipped_calibration_computes_the_first_batch_only(computed):
     torch.testing.assert_close(layer(first), real)
 
 
-def test_skipped_calibration_keeps_a_tuple_output_shape():
-    class TupleLayer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(WIDTH, WIDTH)
-
-        def forward(self, hidden):
-            return self.proj(hidden), None
-
-    layer, skipped = TupleLayer(), SkippedCalibration()
-    skipped.install(layer)
-    layer(torch.randn(2, WIDTH))
-    hidden = torch.randn(2, WIDTH)
-    output = layer(hidden)
-    assert isinstance(output, tuple) and output[0] is hidden and output[1] is None
-    skipped.remove_all()
-    assert layer(hidden)[0] is not hidden
-
-
-def test_hidden_state_helpers():
-    hidden, other = torch.randn(2), torch.randn(2)
-    assert split_hidden((hidden, 1), {"a": 2}) == (hidden, (1,), {"a": 2})
-    assert split_hidden((), {"hidden_states": hidden, "a": 2})[0] is hidden
-    with pytest.raises(ValueError, match="hidden state"):
-        split_hidden((), {"a": 2})
-    assert replace_hidden((hidden, 1), {}, other)[0] == (other, 1)
-    assert replace_hidden((), {"hidden_states": hidden}, other)[1]["hidden_states"] is other
-    assert first_tensor((hidden, None)) is hidden and first_tensor(hidden) is hidden
-    with pytest.raises(TypeError, match="hidden state"):
-        first_tensor({"x": hidden})
-
-
 def _plan(layer, hidden, paired):
     from qep_modifier.plan import plan_layer
 
@@ -283,24 +311,31 @@ def _plan(layer, hidden, paired):
     )
 
 
-@pytest.mark.parametrize("cache", [True, False])
-@pytest.mark.parametrize("resume", [True, False])
-def test_layer_streams_feed_each_group_both_streams(cache, resume):
+def _streams(layer, quantized_hidden, full_precision_hidden, cache=True, resume=True):
     from qep_modifier.capture import LayerStreams
 
-    layer, original = _layer(), _layer()
-    quantized_hidden = [torch.randn(1, 3, WIDTH) for _ in range(2)]
-    full_precision_hidden = [h + 0.1 * torch.randn(1, 3, WIDTH) for h in quantized_hidden]
     calls = RecordedCalls(None)
     for hidden in quantized_hidden:
         calls.record(layer, (hidden,), {"scale": 0.5})
     plan = _plan(layer, quantized_hidden[0], paired={"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate"})
     streams = LayerStreams(
         Owner(), layer, _linears(layer),
-        lambda: ((b, *calls.fetch(layer, b)) for b in range(2)),
+        lambda: ((b, *calls.fetch(layer, b)) for b in range(len(quantized_hidden))),
         quantized_hidden=None, full_precision_hidden=list(full_precision_hidden), plan=plan,
         stream_needed=True, cache_full_precision=cache, resume=resume, offload_device="cpu",
+        last=last_linear(layer, plan.groups[-1].modules),
     )
+    return streams, plan
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("resume", [True, False])
+def test_layer_streams_feed_each_group_both_streams(cache, resume, probabilities):
+    layer, original = _layer(probabilities=probabilities), _layer(probabilities=probabilities)
+    quantized_hidden = [torch.randn(1, 3, WIDTH) for _ in range(2)]
+    full_precision_hidden = [h + 0.1 * torch.randn(1, 3, WIDTH) for h in quantized_hidden]
+    streams, plan = _streams(layer, quantized_hidden, full_precision_hidden, cache, resume)
     names = {module: name for name, module in layer.named_modules()}
     for number, group in enumerate(plan.groups):
         members = [names[m] for m in group.modules]
@@ -339,3 +374,40 @@ def test_layer_streams_feed_each_group_both_streams(cache, resume):
             torch.testing.assert_close(got, original(fp_hidden, scale=0.5))
         for hidden, got in zip(quantized_hidden, streams.propagate()):
             torch.testing.assert_close(got, layer(hidden, scale=0.5))
+        # the quantized layer's outputs resumed from the last replay, bit for bit
+        resumed = streams.outputs()
+        assert (resumed is None) == (not resume)
+        for hidden, got in zip(quantized_hidden, resumed or []):
+            assert torch.equal(got, layer(hidden, scale=0.5))
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_layer_streams_compute_the_attention_in_no_replay_after_os(probabilities):
+    layer = _layer(probabilities=probabilities)
+    quantized_hidden = [torch.randn(1, 3, WIDTH) for _ in range(2)]
+    streams, plan = _streams(layer, quantized_hidden, [h + 0.1 for h in quantized_hidden])
+    entered = []
+    for group in plan.groups:
+        layer.attn.calls = 0
+        assert len(list(streams.inputs(group))) == 2
+        entered.append(layer.attn.calls)
+        streams.quantizing(group)
+    # q k v's group: the probe (once more with the probabilities dropped), the
+    # full-precision pass and the replay (stopped at q); o's replay; then none:
+    # gate and up's replay gets the attention block's output from o on its kept
+    # input, down's keeps it
+    assert [len(group.modules) for group in plan.groups] == [3, 1, 2, 1]
+    assert entered == [(2 if probabilities else 1) + 2 + 2, 2, 0, 0]
+
+
+def test_a_last_linear_called_twice_keeps_nothing_for_the_propagation_pass():
+    layer = _layer(down_twice=True)
+    quantized_hidden = [torch.randn(1, 3, WIDTH) for _ in range(3)]
+    streams, plan = _streams(layer, quantized_hidden, [h.clone() for h in quantized_hidden])
+    assert streams.last is not None  # one Linear inside the MLP, which returns a sum
+    for group in plan.groups:
+        assert len(list(streams.inputs(group))) == 3
+        streams.quantizing(group)
+    # down's two inputs per batch: batch 0 gave up keeping, and no later batch kept
+    assert streams.last is None and streams.replay.kept == {}
+    assert streams.outputs() is None
