@@ -372,11 +372,12 @@ def test_propagation_runs_whole_where_it_cannot_be_resumed(tiny_llama, calibrati
     counts = _count_work(monkeypatch)
     resumed = quantized_linears(quantize(tiny_llama, QEPModifier(**W3), calibration))
     _assert_same_weights(whole, resumed)
-    # as in test_calibration_work_per_layer_and_batch's defaults, with batch 0's
-    # whole forward (7 per layer; then its resumed one, 1, where the MLP passed)
-    # and the pipeline's whole pass (7 per batch)
+    # as in test_calibration_work_per_layer_and_batch's defaults (the probe of
+    # batch 0 with and without the attention probabilities: 14 per layer), with
+    # batch 0's whole forward (7 per layer; then its resumed one, 1, where the
+    # MLP passed) and the pipeline's whole pass (7 per batch)
     checked = 7 + (why == "the resumed output is not the whole one")
-    expected = 3 * (7 + 7 + checked) + NUM_SAMPLES * (2 * (7 + 6 + 7) + (4 + 6 + 7))
+    expected = 3 * (7 + 7 + 14 + checked) + NUM_SAMPLES * (2 * (7 + 6 + 7) + (4 + 6 + 7))
     assert counts["linear"] == expected, counts
 
 
