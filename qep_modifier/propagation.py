@@ -136,7 +136,3 @@ def resumed_outputs(
             return None
         outputs.append(send_tensors(output, offload_device) if offload_device is not None else output)
     return outputs
-
-
-
-#END
